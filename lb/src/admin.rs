@@ -1,0 +1,354 @@
+//! The admin API (JSON over HTTP, axum). Routes:
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/backends` | `{"generation", "backends": [Backend…]}` |
+//! | `PUT /v1/backends` | replace the set atomically; `expected_generation` (409), `require_healthy` (422) |
+//! | `POST /v1/backends` | add one backend: 201, 409 if the name exists |
+//! | `GET /v1/backends/{name}` | one backend, 404 |
+//! | `DELETE /v1/backends/{name}` | remove it; answers in flight are still delivered |
+//! | `POST /v1/backends/{name}/drain` | no new queries go to it |
+//! | `POST /v1/backends/{name}/undrain` | back to active |
+//! | `GET /v1/status` | version, uptime, generation, listeners, policy |
+//! | `GET /healthz` | 200 if an active backend is up, else 503 (no token needed) |
+//! | `GET /metrics` | Prometheus text (no token needed) |
+//!
+//! Errors are always `{"error": "..."}`. With `admin.token_file` every route but
+//! `/healthz` and `/metrics` needs `Authorization: Bearer <token>` (compared in
+//! constant time). Every change is persisted before the response is sent.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::backends::{self, AdminState as MemberState, Entry, Health, Member, SetError};
+use crate::config::BackendConfig;
+use crate::server::Shared;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    shared: Arc<Shared>,
+    prometheus: PrometheusHandle,
+}
+
+impl AdminState {
+    /// Wraps the server state.
+    pub fn new(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Self {
+        AdminState { shared, prometheus }
+    }
+}
+
+/// An API error: a status and a reason, rendered as `{"error": reason}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<SetError> for ApiError {
+    fn from(e: SetError) -> Self {
+        let status = match e {
+            SetError::Invalid(_) => StatusCode::BAD_REQUEST,
+            SetError::Conflict { .. } | SetError::Exists(_) => StatusCode::CONFLICT,
+            SetError::NotFound(_) => StatusCode::NOT_FOUND,
+            SetError::Rejected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// A backend as the API shows it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendView {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Weight.
+    pub weight: u32,
+    /// active / draining.
+    pub state: MemberState,
+    /// up / down / unknown.
+    pub health: Health,
+    /// Queries in flight.
+    pub outstanding: u64,
+    /// Queries forwarded.
+    pub queries_total: u64,
+    /// Queries timed out.
+    pub timeouts_total: u64,
+}
+
+fn view(e: &Entry) -> BackendView {
+    BackendView {
+        name: e.spec.name.clone(),
+        address: e.spec.address.to_string(),
+        weight: e.spec.weight,
+        state: e.state,
+        health: e.runtime.health(),
+        outstanding: e.runtime.outstanding(),
+        queries_total: e.runtime.queries_total(),
+        timeouts_total: e.runtime.timeouts_total(),
+    }
+}
+
+/// Body of `PUT /v1/backends`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBody {
+    backends: Vec<BackendConfig>,
+    expected_generation: Option<u64>,
+    #[serde(default)]
+    require_healthy: bool,
+}
+
+/// Parses a JSON body with a 400 and a precise reason on failure.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
+}
+
+/// The router; tests drive it without a socket.
+pub fn router(state: AdminState) -> Router {
+    let protected = Router::new()
+        .route("/v1/backends", get(list).put(replace).post(add))
+        .route("/v1/backends/{name}", get(one).delete(remove))
+        .route("/v1/backends/{name}/drain", post(drain))
+        .route("/v1/backends/{name}/undrain", post(undrain))
+        .route("/v1/status", get(status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .with_state(state)
+}
+
+/// Serves the router on `listener` until `cancel`.
+pub fn serve(
+    listener: std::net::TcpListener,
+    state: AdminState,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return tracing::error!("admin listener: {e}"),
+        };
+        let app = router(state);
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await
+        {
+            tracing::error!("admin API stopped: {e}");
+        }
+    })
+}
+
+/// Equal-length byte strings compared without an early exit.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let token = s.shared.admin_token.load();
+    if let Some(expected) = token.as_ref() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn list(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let snap = s.shared.set.load();
+    let backends: Vec<_> = snap.entries.iter().map(view).collect();
+    Json(json!({ "generation": snap.generation, "backends": backends }))
+}
+
+async fn one(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<BackendView>, ApiError> {
+    let snap = s.shared.set.load();
+    snap.get(&name)
+        .map(|e| Json(view(e)))
+        .ok_or_else(|| SetError::NotFound(name).into())
+}
+
+async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: PutBody = parse(&body)?;
+    if body.backends.is_empty() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "the backend set must not be empty".into()));
+    }
+    let problems = crate::config::validate_backends(&body.backends);
+    if !problems.is_empty() {
+        return Err(SetError::Invalid(problems).into());
+    }
+    if let Some(expected) = body.expected_generation {
+        let current = s.shared.set.load().generation;
+        if current != expected {
+            return Err(SetError::Conflict { expected, current }.into());
+        }
+    }
+    if body.require_healthy {
+        // Check every backend that is new to the set (by name and address) before
+        // anything changes; the generation check below catches a race with a writer.
+        let snap = s.shared.set.snapshot();
+        let cfg = s.shared.tunables.load().health.clone();
+        let new: Vec<_> = body
+            .backends
+            .iter()
+            .filter(|b| snap.get(&b.name).is_none_or(|e| e.spec.address != b.address))
+            .cloned()
+            .collect();
+        let mut checks = tokio::task::JoinSet::new();
+        for b in new {
+            let cfg = cfg.clone();
+            checks.spawn(async move { (crate::health::check(b.address, &cfg).await, b) });
+        }
+        let mut failed = Vec::new();
+        while let Some(r) = checks.join_next().await {
+            if let Ok((Err(e), b)) = r {
+                failed.push(format!("{} ({}): {e}", b.name, b.address));
+            }
+        }
+        if !failed.is_empty() {
+            failed.sort();
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("health check failed, nothing changed: {}", failed.join("; ")),
+            ));
+        }
+    }
+    let generation = s.shared.change(|cur| {
+        if let Some(expected) = body.expected_generation {
+            if cur.generation != expected {
+                return Err(SetError::Conflict {
+                    expected,
+                    current: cur.generation,
+                });
+            }
+        }
+        Ok(body
+            .backends
+            .iter()
+            .map(|b| Member {
+                spec: b.clone(),
+                state: MemberState::Active,
+            })
+            .collect())
+    })?;
+    tracing::info!(generation, backends = body.backends.len(), "backend set replaced");
+    Ok(Json(json!({ "generation": generation })))
+}
+
+async fn add(State(s): State<AdminState>, body: Bytes) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let b: BackendConfig = parse(&body)?;
+    let generation = s.shared.change(|cur| {
+        if cur.get(&b.name).is_some() {
+            return Err(SetError::Exists(b.name.clone()));
+        }
+        let mut m = backends::members(cur);
+        m.push(Member {
+            spec: b.clone(),
+            state: MemberState::Active,
+        });
+        Ok(m)
+    })?;
+    tracing::info!(generation, backend = %b.name, address = %b.address, "backend added");
+    Ok((StatusCode::CREATED, Json(json!({ "generation": generation }))))
+}
+
+async fn remove(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let generation = s.shared.change(|cur| {
+        if cur.get(&name).is_none() {
+            return Err(SetError::NotFound(name.clone()));
+        }
+        Ok(backends::members(cur)
+            .into_iter()
+            .filter(|m| m.spec.name != name)
+            .collect())
+    })?;
+    tracing::info!(generation, backend = %name, "backend removed");
+    Ok(Json(json!({ "generation": generation })))
+}
+
+fn set_state(s: &AdminState, name: &str, state: MemberState) -> Result<Json<serde_json::Value>, ApiError> {
+    let generation = s.shared.change(|cur| {
+        if cur.get(name).is_none() {
+            return Err(SetError::NotFound(name.to_string()));
+        }
+        Ok(backends::members(cur)
+            .into_iter()
+            .map(|mut m| {
+                if m.spec.name == name {
+                    m.state = state;
+                }
+                m
+            })
+            .collect())
+    })?;
+    tracing::info!(generation, backend = %name, state = ?state, "backend state changed");
+    Ok(Json(json!({ "generation": generation })))
+}
+
+async fn drain(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    set_state(&s, &name, MemberState::Draining)
+}
+
+async fn undrain(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    set_state(&s, &name, MemberState::Active)
+}
+
+async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let snap = s.shared.set.load();
+    let tun = s.shared.tunables.load();
+    Json(json!({
+        "version": crate::VERSION,
+        "uptime_s": s.shared.started.elapsed().as_secs(),
+        "generation": snap.generation,
+        "backends": snap.entries.len(),
+        "backends_usable": snap.entries.iter().filter(|e| e.usable()).count(),
+        "policy": tun.policy,
+        "listen": s.shared.dns_addrs,
+        "state_path": s.shared.state_path,
+    }))
+}
+
+async fn healthz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
+    if s.shared.set.load().any_active_up() {
+        (StatusCode::OK, Json(json!({ "status": "ok" })))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "no active backend is up" })),
+        )
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
+}

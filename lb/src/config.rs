@@ -1,0 +1,556 @@
+//! The TOML configuration of dnslb (SPEC §4): serde structs with explicit defaults,
+//! parsing separate from reading the file, and a `validate()` that reports every
+//! problem at once, including every unknown key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file we tried to read.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema; every problem is listed.
+    #[error("{} problem(s) in the configuration:\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where DNS and the admin API listen.
+    pub listen: Listen,
+    /// Admin API access control.
+    pub admin: Admin,
+    /// Where the live backend set is persisted.
+    pub state: State,
+    /// How queries are spread over backends.
+    pub balance: Balance,
+    /// Active health checks.
+    pub health: HealthConfig,
+    /// TCP limits (RFC 7766 connection management).
+    pub tcp: Tcp,
+    /// Process-level tunables.
+    pub server: Server,
+    /// Seeds the backend set when no state file exists yet.
+    pub backend: Vec<BackendConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Listen::default(),
+            admin: Admin::default(),
+            state: State::default(),
+            balance: Balance::default(),
+            health: HealthConfig::default(),
+            tcp: Tcp::default(),
+            server: Server::default(),
+            backend: Vec::new(),
+        }
+    }
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Each address is served over UDP and TCP. Must be a specific IP: replies leave
+    /// from the socket the query arrived on, which is what makes them come from the
+    /// address the client queried.
+    pub dns: Vec<SocketAddr>,
+    /// Admin API and `/metrics`; loopback unless a token protects it.
+    pub admin: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            dns: vec!["127.0.0.1:5353".parse().expect("literal")],
+            admin: "127.0.0.1:8053".parse().expect("literal"),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// When set, mutating and reading routes (all but /healthz and /metrics) need
+    /// `Authorization: Bearer <token>` with the file's content (trimmed).
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct State {
+    /// The live backend set, rewritten atomically (write, fsync, rename) on every change.
+    pub path: PathBuf,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            path: PathBuf::from("/var/lib/dnslb/state.json"),
+        }
+    }
+}
+
+/// How a backend is chosen for each query.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The usable backend with the fewest queries in flight per unit of weight.
+    #[default]
+    LeastOutstanding,
+    /// Each usable backend in turn.
+    RoundRobin,
+    /// A random usable backend, in proportion to its weight.
+    WeightedRandom,
+    /// The first usable backend in configuration order (primary/standby).
+    FirstAvailable,
+}
+
+impl FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "least-outstanding" => Ok(Policy::LeastOutstanding),
+            "round-robin" => Ok(Policy::RoundRobin),
+            "weighted-random" => Ok(Policy::WeightedRandom),
+            "first-available" => Ok(Policy::FirstAvailable),
+            other => Err(format!("unknown policy {other:?}")),
+        }
+    }
+}
+
+/// `[balance]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Balance {
+    /// Selection policy.
+    pub policy: Policy,
+    /// How long a forwarded query may wait for its answer before its slot is freed
+    /// and the backend is charged a timeout.
+    pub query_timeout_ms: u64,
+}
+
+impl Default for Balance {
+    fn default() -> Self {
+        Balance {
+            policy: Policy::LeastOutstanding,
+            query_timeout_ms: 2000,
+        }
+    }
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between two checks of one backend.
+    pub interval_ms: u64,
+    /// How long one check may take.
+    pub timeout_ms: u64,
+    /// Consecutive passes before a backend that is down is up again.
+    pub rise: u32,
+    /// Consecutive failures (checks or query timeouts) before a backend is down.
+    pub fall: u32,
+    /// A name every backend is authoritative for. Required.
+    pub query_name: String,
+    /// The record type asked, with RD=0. A pass needs NOERROR with AA.
+    pub query_type: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+            query_name: String::new(),
+            query_type: "SOA".into(),
+        }
+    }
+}
+
+/// `[tcp]`: RFC 7766 connection management.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tcp {
+    /// A client connection with no query in flight is closed after this long; a frame
+    /// that is half sent for this long closes its connection too.
+    pub idle_timeout_ms: u64,
+    /// Client connections open at once, over all listeners; more are closed on accept.
+    pub max_connections: usize,
+    /// Queries in flight on one client connection; reading pauses above it.
+    pub max_inflight_per_connection: usize,
+    /// A length prefix above this closes the connection (DNS caps messages at 65535).
+    pub max_message_size: usize,
+    /// Idle connections to a backend are closed after this long (BIND closes at 30 s).
+    pub backend_idle_timeout_ms: u64,
+    /// Queries pipelined on one backend connection before another one is opened.
+    pub backend_pipeline: usize,
+    /// Connections to one backend, per worker.
+    pub backend_max_connections: usize,
+}
+
+impl Default for Tcp {
+    fn default() -> Self {
+        Tcp {
+            idle_timeout_ms: 10_000,
+            max_connections: 1024,
+            max_inflight_per_connection: 100,
+            max_message_size: 65535,
+            backend_idle_timeout_ms: 20_000,
+            backend_pipeline: 64,
+            backend_max_connections: 8,
+        }
+    }
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Data-plane worker threads (each owns one SO_REUSEPORT socket per listener);
+    /// 0 means one per CPU.
+    pub workers: usize,
+    /// On SIGTERM, how long in-flight queries may take to finish.
+    pub shutdown_grace_ms: u64,
+    /// SO_RCVBUF/SO_SNDBUF of every UDP socket.
+    pub udp_socket_buffer: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            workers: 0,
+            shutdown_grace_ms: 5000,
+            udp_socket_buffer: 4 << 20,
+        }
+    }
+}
+
+/// One `[[backend]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Unique name, used by the admin API.
+    pub name: String,
+    /// Where the backend answers DNS (UDP and TCP).
+    pub address: SocketAddr,
+    /// Relative share for weighted policies.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Which keys each table accepts: used to list *every* unknown key, since serde stops at
+/// the first one.
+const SCHEMA: &[(&str, &[&str])] = &[
+    ("", &["listen", "admin", "state", "balance", "health", "tcp", "server", "backend"]),
+    ("listen", &["dns", "admin"]),
+    ("admin", &["token_file"]),
+    ("state", &["path"]),
+    ("balance", &["policy", "query_timeout_ms"]),
+    (
+        "health",
+        &["interval_ms", "timeout_ms", "rise", "fall", "query_name", "query_type"],
+    ),
+    (
+        "tcp",
+        &[
+            "idle_timeout_ms",
+            "max_connections",
+            "max_inflight_per_connection",
+            "max_message_size",
+            "backend_idle_timeout_ms",
+            "backend_pipeline",
+            "backend_max_connections",
+        ],
+    ),
+    ("server", &["workers", "shutdown_grace_ms", "udp_socket_buffer"]),
+    ("backend", &["name", "address", "weight"]),
+];
+
+fn unknown_keys(table: &toml::Table) -> Vec<String> {
+    let allowed = |section: &str| {
+        SCHEMA
+            .iter()
+            .find(|(s, _)| *s == section)
+            .map(|(_, keys)| *keys)
+            .unwrap_or(&[])
+    };
+    let mut problems = Vec::new();
+    for (key, value) in table {
+        if !allowed("").contains(&key.as_str()) {
+            problems.push(format!("unknown key `{key}`"));
+            continue;
+        }
+        let mut check = |t: &toml::Table, at: String| {
+            for k in t.keys() {
+                if !allowed(key).contains(&k.as_str()) {
+                    problems.push(format!("unknown key `{k}` in {at}"));
+                }
+            }
+        };
+        match value {
+            toml::Value::Table(t) => check(t, format!("[{key}]")),
+            toml::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let toml::Value::Table(t) = item {
+                        check(t, format!("[[{key}]] #{}", i + 1));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    problems
+}
+
+impl Config {
+    /// Parses and validates a configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(vec![e.message().to_string()]))?;
+        let mut problems = unknown_keys(&table);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        let config: Config = match Config::deserialize(toml::Value::Table(table)) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(e.message().to_string());
+                return Err(ConfigError::Invalid(problems));
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Checks every semantic rule and reports all violations together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        if self.listen.dns.is_empty() {
+            p.push("listen.dns must name at least one address".to_string());
+        }
+        let mut seen = HashSet::new();
+        for a in &self.listen.dns {
+            if a.ip().is_unspecified() {
+                p.push(format!(
+                    "listen.dns {a}: bind a specific address (replies must leave from the address the client queried)"
+                ));
+            }
+            if !seen.insert(a) {
+                p.push(format!("listen.dns {a} is listed twice"));
+            }
+        }
+        if self.balance.query_timeout_ms == 0 {
+            p.push("balance.query_timeout_ms must be > 0".into());
+        }
+        let h = &self.health;
+        if h.query_name.is_empty() {
+            p.push("health.query_name is required (a name every backend is authoritative for)".into());
+        } else if let Err(e) = hickory_proto::rr::Name::from_ascii(&h.query_name) {
+            p.push(format!("health.query_name {:?}: {e}", h.query_name));
+        }
+        if hickory_proto::rr::RecordType::from_str(&h.query_type.to_ascii_uppercase()).is_err() {
+            p.push(format!("health.query_type {:?} is not a record type", h.query_type));
+        }
+        if h.interval_ms == 0 || h.timeout_ms == 0 {
+            p.push("health.interval_ms and health.timeout_ms must be > 0".into());
+        }
+        if h.rise == 0 || h.fall == 0 {
+            p.push("health.rise and health.fall must be >= 1".into());
+        }
+        let t = &self.tcp;
+        if t.max_connections == 0
+            || t.max_inflight_per_connection == 0
+            || t.backend_pipeline == 0
+            || t.backend_max_connections == 0
+        {
+            p.push("tcp limits (max_connections, max_inflight_per_connection, backend_pipeline, backend_max_connections) must be >= 1".into());
+        }
+        if !(12..=65535).contains(&t.max_message_size) {
+            p.push("tcp.max_message_size must be within 12..=65535".into());
+        }
+        if t.idle_timeout_ms == 0 || t.backend_idle_timeout_ms == 0 {
+            p.push("tcp.idle_timeout_ms and tcp.backend_idle_timeout_ms must be > 0".into());
+        }
+        if self.server.workers > 256 {
+            p.push("server.workers must be <= 256".into());
+        }
+        p.extend(validate_backends(&self.backend));
+        if !self.listen.admin.ip().is_loopback() && self.admin.token_file.is_none() {
+            p.push(format!(
+                "listen.admin {} is not loopback: set admin.token_file to protect it",
+                self.listen.admin
+            ));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(p))
+        }
+    }
+
+    /// How long a forwarded query may wait for its answer.
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.balance.query_timeout_ms)
+    }
+
+    /// The worker count, resolving 0 to the number of CPUs.
+    pub fn worker_count(&self) -> usize {
+        if self.server.workers > 0 {
+            self.server.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// Rules shared by the config file and the admin API: names unique and sane, weights
+/// positive, addresses with a port. Returns one message per problem.
+pub fn validate_backends(backends: &[BackendConfig]) -> Vec<String> {
+    let mut p = Vec::new();
+    let mut names = HashSet::new();
+    for b in backends {
+        if b.name.is_empty()
+            || b.name.len() > 64
+            || !b
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            p.push(format!(
+                "backend name {:?}: use 1-64 characters of A-Z a-z 0-9 - _ .",
+                b.name
+            ));
+        }
+        if !names.insert(b.name.as_str()) {
+            p.push(format!("backend name {:?} is used twice", b.name));
+        }
+        if b.weight == 0 {
+            p.push(format!("backend {:?}: weight must be >= 1", b.name));
+        }
+        if b.address.port() == 0 || b.address.ip().is_unspecified() {
+            p.push(format!(
+                "backend {:?}: address {} needs a specific IP and a non-zero port",
+                b.name, b.address
+            ));
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [listen]
+        dns = ["127.0.0.1:5353"]
+        admin = "127.0.0.1:8053"
+        [health]
+        query_name = "example.test."
+        [[backend]]
+        name = "ns1"
+        address = "127.0.0.1:5301"
+    "#;
+
+    #[test]
+    fn parses_the_spec_example_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.backend[0].weight, 1);
+        assert_eq!(c.balance.policy, Policy::LeastOutstanding);
+        assert_eq!(c.health.fall, 3);
+    }
+
+    #[test]
+    fn no_backend_is_valid() {
+        let c = Config::parse("[health]\nquery_name = \"example.test.\"\n").unwrap();
+        assert!(c.backend.is_empty());
+    }
+
+    #[test]
+    fn every_unknown_key_is_listed() {
+        let text = format!("{GOOD}\nbogus = 1\n[balance]\npolcy = \"x\"\n");
+        let ConfigError::Invalid(p) = Config::parse(&text).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().any(|m| m.contains("polcy")));
+        assert!(p.iter().any(|m| m.contains("bogus")));
+    }
+
+    #[test]
+    fn every_semantic_problem_is_listed() {
+        let text = r#"
+            [listen]
+            dns = ["0.0.0.0:53"]
+            admin = "10.0.0.1:8053"
+            [balance]
+            query_timeout_ms = 0
+            [health]
+            query_name = ""
+            rise = 0
+            [[backend]]
+            name = "a"
+            address = "127.0.0.1:0"
+            weight = 0
+            [[backend]]
+            name = "a"
+            address = "127.0.0.1:53"
+        "#;
+        let ConfigError::Invalid(p) = Config::parse(text).unwrap_err() else {
+            panic!()
+        };
+        for needle in [
+            "specific address",
+            "query_timeout_ms",
+            "query_name is required",
+            "rise",
+            "used twice",
+            "weight",
+            "non-zero port",
+            "not loopback",
+        ] {
+            assert!(p.iter().any(|m| m.contains(needle)), "{needle} missing in {p:?}");
+        }
+    }
+
+    #[test]
+    fn bad_policy_is_an_error() {
+        let text = format!("{GOOD}\n[balance]\npolicy = \"fastest\"\n");
+        assert!(Config::parse(&text).is_err());
+    }
+}

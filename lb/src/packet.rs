@@ -1,0 +1,366 @@
+//! DNS wire-format helpers for the hot path. They work on raw message bytes and never
+//! allocate: header fields, the bounds and a case-insensitive key of the question
+//! section (what a response must echo to be accepted), and SERVFAIL synthesis in place.
+//! Everything else in a message is opaque and passes through untouched.
+
+/// Length of the fixed DNS header.
+pub const HEADER_LEN: usize = 12;
+/// Largest DNS message (16-bit length on TCP, 64 KiB datagram on UDP).
+pub const MAX_MESSAGE: usize = 65535;
+/// RCODE 2.
+pub const RCODE_SERVFAIL: u8 = 2;
+
+/// Why an incoming message was dropped before it reached a backend or a client.
+/// Each variant is a `reason` label of the dropped-packets metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Shorter than a DNS header.
+    Short,
+    /// A response (QR=1) sent to the listener.
+    ResponseToListener,
+    /// A query (QR=0) arriving from a backend.
+    QueryFromBackend,
+    /// A backend response whose ID matches nothing in flight (late, duplicate, spoofed).
+    UnknownId,
+    /// A response from an address other than the backend the ID was sent to.
+    WrongSource,
+    /// A response whose question (or opcode, when the question is empty) differs.
+    QuestionMismatch,
+    /// Every ID towards backends is in use.
+    IdsExhausted,
+    /// The kernel refused to send (buffer full, unreachable).
+    SendFailed,
+    /// The kernel reported an error receiving (e.g. ICMP unreachable).
+    ReceiveFailed,
+    /// A TCP length prefix too small for a header or above the configured maximum.
+    BadLength,
+    /// The client's TCP connection ended in the middle of a frame or stalled in it.
+    PartialFrame,
+    /// A TCP connection refused on accept because `tcp.max_connections` are open.
+    TooManyConnections,
+}
+
+impl Drop {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [Drop; 12] = [
+        Drop::Short,
+        Drop::ResponseToListener,
+        Drop::QueryFromBackend,
+        Drop::UnknownId,
+        Drop::WrongSource,
+        Drop::QuestionMismatch,
+        Drop::IdsExhausted,
+        Drop::SendFailed,
+        Drop::ReceiveFailed,
+        Drop::BadLength,
+        Drop::PartialFrame,
+        Drop::TooManyConnections,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::Short => "short",
+            Drop::ResponseToListener => "response_to_listener",
+            Drop::QueryFromBackend => "query_from_backend",
+            Drop::UnknownId => "unknown_id",
+            Drop::WrongSource => "wrong_source",
+            Drop::QuestionMismatch => "question_mismatch",
+            Drop::IdsExhausted => "ids_exhausted",
+            Drop::SendFailed => "send_failed",
+            Drop::ReceiveFailed => "receive_failed",
+            Drop::BadLength => "bad_length",
+            Drop::PartialFrame => "partial_frame",
+            Drop::TooManyConnections => "too_many_connections",
+        }
+    }
+}
+
+/// The message ID.
+#[inline]
+pub fn id(msg: &[u8]) -> u16 {
+    u16::from_be_bytes([msg[0], msg[1]])
+}
+
+/// Overwrites the message ID.
+#[inline]
+pub fn set_id(msg: &mut [u8], id: u16) {
+    msg[..2].copy_from_slice(&id.to_be_bytes());
+}
+
+/// QR bit.
+#[inline]
+pub fn is_response(msg: &[u8]) -> bool {
+    msg[2] & 0x80 != 0
+}
+
+/// OPCODE field.
+#[inline]
+pub fn opcode(msg: &[u8]) -> u8 {
+    (msg[2] >> 3) & 0x0f
+}
+
+/// RCODE field (low four bits; extended RCODEs live in OPT and are not needed here).
+#[inline]
+pub fn rcode(msg: &[u8]) -> u8 {
+    msg[3] & 0x0f
+}
+
+/// QDCOUNT field.
+#[inline]
+pub fn qdcount(msg: &[u8]) -> u16 {
+    u16::from_be_bytes([msg[4], msg[5]])
+}
+
+/// What a response must echo to be accepted for a query: the opcode, and a hash of
+/// the question section with names lowercased (DNS names compare case-insensitively,
+/// and a backend may echo 0x20-mixed case as it pleases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuestionKey {
+    /// `None` when the question section could not be parsed: then only a response with
+    /// an empty question section (FORMERR, NOTIMP) can match.
+    pub hash: Option<u64>,
+    /// The query's opcode.
+    pub opcode: u8,
+}
+
+/// A validated query header and its question key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query {
+    /// The client's ID.
+    pub id: u16,
+    /// Key the response must match.
+    pub key: QuestionKey,
+    /// End offset of the question section, when it parsed.
+    pub question_end: Option<usize>,
+}
+
+/// Checks that `msg` is something to forward: a header, and QR=0. Content only a
+/// backend can judge (odd QDCOUNT, unknown opcode, unparsable question) is forwarded
+/// so the client gets the backend's own FORMERR or NOTIMP.
+#[inline]
+pub fn parse_query(msg: &[u8]) -> Result<Query, Drop> {
+    if msg.len() < HEADER_LEN {
+        return Err(Drop::Short);
+    }
+    if is_response(msg) {
+        return Err(Drop::ResponseToListener);
+    }
+    let (hash, question_end) = match question(msg) {
+        Some((h, end)) => (Some(h), Some(end)),
+        None => (None, None),
+    };
+    Ok(Query {
+        id: id(msg),
+        key: QuestionKey {
+            hash,
+            opcode: opcode(msg),
+        },
+        question_end,
+    })
+}
+
+/// Checks a backend's response against the key of the query it claims to answer.
+/// A response with an empty question section matches by opcode alone (servers send
+/// those with FORMERR and NOTIMP).
+#[inline]
+pub fn response_matches(msg: &[u8], key: &QuestionKey) -> Result<(), Drop> {
+    if msg.len() < HEADER_LEN {
+        return Err(Drop::Short);
+    }
+    if !is_response(msg) {
+        return Err(Drop::QueryFromBackend);
+    }
+    if qdcount(msg) == 0 {
+        return if opcode(msg) == key.opcode {
+            Ok(())
+        } else {
+            Err(Drop::QuestionMismatch)
+        };
+    }
+    match (question(msg), key.hash) {
+        (Some((h, _)), Some(k)) if h == k && opcode(msg) == key.opcode => Ok(()),
+        _ => Err(Drop::QuestionMismatch),
+    }
+}
+
+/// FNV-1a, 64 bit: a few instructions a byte, and question sections are short.
+struct Fnv(u64);
+
+impl Fnv {
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.0 ^= u64::from(b);
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
+/// Hashes the question section: QDCOUNT, then each name (lowercased, labels with
+/// their lengths, compression pointers followed backwards) with its type and class.
+/// Returns the hash and the offset just past the section, or `None` if the section
+/// runs past the message or holds a malformed name.
+pub fn question(msg: &[u8]) -> Option<(u64, usize)> {
+    let count = qdcount(msg);
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    h.byte((count >> 8) as u8);
+    h.byte(count as u8);
+    let mut pos = HEADER_LEN;
+    for _ in 0..count {
+        pos = hash_name(msg, pos, &mut h)?;
+        let tail = msg.get(pos..pos + 4)?;
+        for &b in tail {
+            h.byte(b);
+        }
+        pos += 4;
+    }
+    Some((h.0, pos))
+}
+
+/// Hashes one name starting at `pos`; returns the offset after it in the message.
+fn hash_name(msg: &[u8], mut pos: usize, h: &mut Fnv) -> Option<usize> {
+    let mut end = None;
+    let mut total = 0usize;
+    loop {
+        let len = *msg.get(pos)?;
+        match len & 0xc0 {
+            0x00 => {
+                h.byte(len);
+                if len == 0 {
+                    return Some(end.unwrap_or(pos + 1));
+                }
+                let label = msg.get(pos + 1..pos + 1 + len as usize)?;
+                total += 1 + label.len();
+                if total > 255 {
+                    return None;
+                }
+                for &b in label {
+                    h.byte(b.to_ascii_lowercase());
+                }
+                pos += 1 + len as usize;
+            }
+            0xc0 => {
+                let ptr = (usize::from(len & 0x3f) << 8) | usize::from(*msg.get(pos + 1)?);
+                // Only backwards pointers: that bounds the walk and rules out loops.
+                if ptr >= pos {
+                    return None;
+                }
+                end.get_or_insert(pos + 2);
+                pos = ptr;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Turns the query in `msg[..len]` into a SERVFAIL answer in place: QR=1, opcode,
+/// RD and CD kept, RCODE=2, the question echoed when it parsed, no other records.
+/// Returns the new length.
+pub fn servfail_in_place(msg: &mut [u8], question_end: Option<usize>) -> usize {
+    let rd_opcode = msg[2] & 0x79; // opcode + RD
+    let cd = msg[3] & 0x10;
+    msg[2] = 0x80 | rd_opcode;
+    msg[3] = cd | RCODE_SERVFAIL;
+    let end = match question_end {
+        Some(end) => end,
+        None => {
+            msg[4..6].fill(0);
+            HEADER_LEN
+        }
+    };
+    msg[6..12].fill(0);
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query as HQuery, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use hickory_proto::serialize::binary::BinEncodable;
+    use proptest::prelude::*;
+
+    fn query_bytes(name: &str, rtype: RecordType) -> Vec<u8> {
+        let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+        m.add_query(HQuery::query(Name::from_ascii(name).unwrap(), rtype));
+        m.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn question_key_is_case_insensitive_and_type_sensitive() {
+        let a = parse_query(&query_bytes("WwW.Example.Test.", RecordType::A)).unwrap();
+        let b = parse_query(&query_bytes("www.example.test.", RecordType::A)).unwrap();
+        let c = parse_query(&query_bytes("www.example.test.", RecordType::AAAA)).unwrap();
+        assert_eq!(a.key, b.key);
+        assert_ne!(a.key, c.key);
+        assert_eq!(a.id, 0x1234);
+    }
+
+    #[test]
+    fn short_and_response_packets_are_rejected() {
+        assert_eq!(parse_query(&[0; 11]), Err(Drop::Short));
+        let mut r = query_bytes("a.test.", RecordType::A);
+        r[2] |= 0x80;
+        assert_eq!(parse_query(&r), Err(Drop::ResponseToListener));
+    }
+
+    #[test]
+    fn response_matching() {
+        let q = query_bytes("a.test.", RecordType::A);
+        let key = parse_query(&q).unwrap().key;
+        let mut r = q.clone();
+        r[2] |= 0x80;
+        assert_eq!(response_matches(&r, &key), Ok(()));
+        let other = parse_query(&query_bytes("b.test.", RecordType::A)).unwrap().key;
+        assert_eq!(response_matches(&r, &other), Err(Drop::QuestionMismatch));
+        // Empty question section: matches on opcode only.
+        let mut empty = r[..12].to_vec();
+        empty[4..6].fill(0);
+        assert_eq!(response_matches(&empty, &key), Ok(()));
+        let notify = QuestionKey { opcode: 4, ..key };
+        assert_eq!(response_matches(&empty, &notify), Err(Drop::QuestionMismatch));
+        assert_eq!(response_matches(&q, &key), Err(Drop::QueryFromBackend));
+    }
+
+    #[test]
+    fn compression_pointer_in_question_is_followed_backwards_only() {
+        // Two questions, the second compressed to the first.
+        let mut m = query_bytes("a.test.", RecordType::A);
+        m[5] = 2;
+        let first = m.len();
+        m.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1]);
+        let (_, end) = question(&m).unwrap();
+        assert_eq!(end, first + 6);
+        // A pointer to itself is refused.
+        let mut bad = m[..12].to_vec();
+        bad[5] = 1;
+        bad.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert_eq!(question(&bad), None);
+    }
+
+    #[test]
+    fn servfail_is_a_valid_answer_to_the_query() {
+        let mut q = query_bytes("www.example.test.", RecordType::AAAA);
+        let parsed = parse_query(&q).unwrap();
+        let n = servfail_in_place(&mut q, parsed.question_end);
+        let m = Message::from_vec(&q[..n]).unwrap();
+        assert_eq!(m.id, 0x1234);
+        assert_eq!(m.message_type, MessageType::Response);
+        assert_eq!(m.response_code, ResponseCode::ServFail);
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.queries[0].query_type(), RecordType::AAAA);
+        assert_eq!(response_matches(&q[..n], &parsed.key), Ok(()));
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(q) = parse_query(&bytes) {
+                let mut b = bytes.clone();
+                let n = servfail_in_place(&mut b, q.question_end);
+                prop_assert!(n >= HEADER_LEN && n <= bytes.len());
+                prop_assert!(response_matches(&b[..n], &q.key).is_ok());
+            }
+            let _ = response_matches(&bytes, &QuestionKey::default());
+        }
+    }
+}

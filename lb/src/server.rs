@@ -1,0 +1,444 @@
+//! Start-up, reload and shutdown. [`Server::start`] loads the backend set (state file
+//! first, `[[backend]]` as the seed), starts one data-plane worker thread per CPU
+//! (each a single-threaded runtime that owns its sockets), the health checker and the
+//! admin API. [`Server::shutdown`] stops accepting, lets in-flight queries finish within
+//! the grace period, then stops the admin API.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backends::{BackendSet, Member, Picker, SetError};
+use crate::config::{Config, HealthConfig, Policy};
+use crate::sockets::{Listeners, WorkerSockets};
+use crate::state::{self, StateFile};
+use crate::{admin, health, metrics, tcp, udp};
+
+/// How often a worker expires timed-out queries and picks up reloaded tunables.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Settings that SIGHUP may change while traffic flows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tunables {
+    /// Selection policy.
+    pub policy: Policy,
+    /// Per-query timeout.
+    pub query_timeout_ms: u64,
+    /// Failures (checks, timeouts) before a backend is down.
+    pub fall: u32,
+    /// Health checks.
+    pub health: HealthConfig,
+    /// TCP limits (all but `max_connections`, which needs a restart).
+    pub tcp: crate::config::Tcp,
+}
+
+impl Tunables {
+    fn from_config(c: &Config) -> Self {
+        Tunables {
+            policy: c.balance.policy,
+            query_timeout_ms: c.balance.query_timeout_ms,
+            fall: c.health.fall,
+            health: c.health.clone(),
+            tcp: c.tcp.clone(),
+        }
+    }
+}
+
+/// State shared by every worker, the health checker and the admin API.
+pub struct Shared {
+    /// The backend set.
+    pub set: BackendSet,
+    /// Current tunables; workers copy them on each tick.
+    pub tunables: ArcSwap<Tunables>,
+    /// Data-plane metric handles.
+    pub metrics: metrics::DataPlane,
+    /// Caps TCP client connections over all workers.
+    pub tcp_connections: Arc<Semaphore>,
+    /// Where the set is persisted.
+    pub state_path: PathBuf,
+    /// The admin bearer token, if any (reloaded on SIGHUP).
+    pub admin_token: ArcSwap<Option<String>>,
+    /// When the process started.
+    pub started: Instant,
+    /// The DNS addresses being served.
+    pub dns_addrs: Vec<SocketAddr>,
+}
+
+impl Shared {
+    /// Changes the backend set under its writer lock, persisting the result before it
+    /// becomes visible. Returns the new generation.
+    pub fn change(
+        &self,
+        f: impl FnOnce(&crate::backends::Snapshot) -> Result<Vec<Member>, SetError>,
+    ) -> Result<u64, SetError> {
+        self.set.update(f, |generation, members| {
+            state::save(
+                &self.state_path,
+                &StateFile {
+                    generation,
+                    backends: members.to_vec(),
+                },
+            )
+            .map_err(|e| SetError::Rejected(e.to_string()))
+        })
+    }
+}
+
+/// One data-plane worker: everything its thread owns.
+pub(crate) struct Worker {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) udp: udp::Udp,
+    pub(crate) tcp: tcp::Tcp,
+    pub(crate) picker: RefCell<Picker>,
+    tunables: RefCell<Rc<Tunables>>,
+}
+
+impl Worker {
+    /// The worker's copy of the tunables (refreshed each tick; no atomics per query).
+    #[inline]
+    pub(crate) fn tunables(&self) -> Rc<Tunables> {
+        self.tunables.borrow().clone()
+    }
+
+    fn refresh(&self) {
+        let cur = self.shared.tunables.load();
+        if **cur != **self.tunables.borrow() {
+            *self.tunables.borrow_mut() = Rc::new((**cur).clone());
+        }
+    }
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state file could not be read or written.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// The seed backends are invalid.
+    #[error("backend set: {0}")]
+    Set(#[from] SetError),
+    /// The admin token file could not be read.
+    #[error("admin token file {path}: {source}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A worker thread could not start.
+    #[error("starting worker: {0}")]
+    Worker(io::Error),
+}
+
+/// A running dnslb.
+pub struct Server {
+    shared: Arc<Shared>,
+    stop_accepting: CancellationToken,
+    hard_stop: CancellationToken,
+    workers: Vec<(std::thread::JoinHandle<()>, oneshot::Receiver<io::Result<()>>)>,
+    background: CancellationToken,
+    admin: tokio::task::JoinHandle<()>,
+    health: tokio::task::JoinHandle<()>,
+    grace: Duration,
+    admin_addr: SocketAddr,
+    config: Mutex<Config>,
+}
+
+fn read_token(config: &Config) -> Result<Option<String>, StartError> {
+    match &config.admin.token_file {
+        None => Ok(None),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| StartError::Token {
+                path: path.clone(),
+                source,
+            })?;
+            let token = text.trim().to_string();
+            if token.is_empty() {
+                return Err(StartError::Token {
+                    path: path.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidData, "file is empty"),
+                });
+            }
+            Ok(Some(token))
+        }
+    }
+}
+
+impl Server {
+    /// Starts serving on `listeners` (bound by the caller). Must be called within a
+    /// tokio runtime, which will host the admin API and health checks.
+    pub fn start(config: Config, listeners: Listeners) -> Result<Server, StartError> {
+        let prometheus = metrics::install();
+        let token = read_token(&config)?;
+        let (generation, members) = match state::load(&config.state.path)? {
+            Some(s) => {
+                tracing::info!(
+                    path = %config.state.path.display(),
+                    generation = s.generation,
+                    backends = s.backends.len(),
+                    "backend set restored from the state file"
+                );
+                (s.generation, s.backends)
+            }
+            None => {
+                let members: Vec<Member> = config
+                    .backend
+                    .iter()
+                    .map(|b| Member {
+                        spec: b.clone(),
+                        state: Default::default(),
+                    })
+                    .collect();
+                let s = StateFile {
+                    generation: 1,
+                    backends: members,
+                };
+                state::save(&config.state.path, &s)?;
+                tracing::info!(
+                    path = %config.state.path.display(),
+                    backends = s.backends.len(),
+                    "no state file yet: backend set seeded from the configuration"
+                );
+                (s.generation, s.backends)
+            }
+        };
+        let dns_addrs = listeners.dns_addrs();
+        let admin_addr = listeners.admin_addr();
+        let shared = Arc::new(Shared {
+            set: BackendSet::new(generation, &members)?,
+            tunables: ArcSwap::from_pointee(Tunables::from_config(&config)),
+            metrics: metrics::DataPlane::new(),
+            tcp_connections: Arc::new(Semaphore::new(config.tcp.max_connections)),
+            state_path: config.state.path.clone(),
+            admin_token: ArcSwap::from_pointee(token),
+            started: Instant::now(),
+            dns_addrs: dns_addrs.clone(),
+        });
+        let stop_accepting = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let mut workers = Vec::new();
+        for (i, sockets) in listeners.workers.into_iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            let shared = shared.clone();
+            let (stop, hard) = (stop_accepting.clone(), hard_stop.clone());
+            let buffer = config.server.udp_socket_buffer;
+            let handle = std::thread::Builder::new()
+                .name(format!("dnslb-worker-{i}"))
+                .spawn(move || {
+                    let result = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .and_then(|rt| {
+                            let local = tokio::task::LocalSet::new();
+                            local.block_on(&rt, run_worker(shared, sockets, buffer, stop, hard))
+                        });
+                    let _ = tx.send(result);
+                })
+                .map_err(StartError::Worker)?;
+            workers.push((handle, rx));
+        }
+        for a in &dns_addrs {
+            tracing::info!("listening for UDP and TCP on {a} ({} workers)", workers.len());
+        }
+        let background = CancellationToken::new();
+        let health = tokio::spawn(health::run(shared.clone(), background.clone()));
+        let admin = admin::serve(
+            listeners.admin,
+            admin::AdminState::new(shared.clone(), prometheus),
+            background.clone(),
+        );
+        tracing::info!("admin API listening on http://{admin_addr}");
+        Ok(Server {
+            shared,
+            stop_accepting,
+            hard_stop,
+            workers,
+            background,
+            admin,
+            health,
+            grace: Duration::from_millis(config.server.shutdown_grace_ms),
+            admin_addr,
+            config: Mutex::new(config),
+        })
+    }
+
+    /// State shared with the data plane (for tests and embedding).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The admin API address actually bound.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Applies the tunables of `new` (SIGHUP); reports settings that need a restart.
+    pub fn reload(&self, new: Config) -> Result<(), StartError> {
+        let token = read_token(&new)?;
+        let mut cur = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let fixed = [
+            ("listen", cur.listen != new.listen),
+            ("state", cur.state != new.state),
+            ("server", cur.server != new.server),
+            ("tcp.max_connections", cur.tcp.max_connections != new.tcp.max_connections),
+        ];
+        for (key, changed) in fixed {
+            if changed {
+                tracing::warn!("reload: [{key}] changed; it takes effect only after a restart");
+            }
+        }
+        self.shared.tunables.store(Arc::new(Tunables::from_config(&new)));
+        self.shared.admin_token.store(Arc::new(token));
+        *cur = new;
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting queries, waits up to the grace period for those in flight,
+    /// then stops health checks and the admin API.
+    pub async fn shutdown(self) -> io::Result<()> {
+        self.stop_accepting.cancel();
+        let started = Instant::now();
+        let mut result = Ok(());
+        for (handle, mut rx) in self.workers {
+            let left = self.grace.saturating_sub(started.elapsed());
+            let r = match tokio::time::timeout(left, &mut rx).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("grace period of {:?} ran out; dropping queries still in flight", self.grace);
+                    self.hard_stop.cancel();
+                    rx.await
+                }
+            };
+            match r {
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(io::Error::other("worker thread panicked")),
+                Ok(Ok(())) => {}
+            }
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        self.background.cancel();
+        let _ = self.health.await;
+        let _ = self.admin.await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Runs a server until `shutdown` is cancelled, then shuts it down gracefully.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let server = Server::start(config, listeners)?;
+    shutdown.cancelled().await;
+    server.shutdown().await?;
+    Ok(())
+}
+
+async fn run_worker(
+    shared: Arc<Shared>,
+    sockets: WorkerSockets,
+    buffer: usize,
+    stop_accepting: CancellationToken,
+    hard_stop: CancellationToken,
+) -> io::Result<()> {
+    let udp_sockets = sockets
+        .udp
+        .into_iter()
+        .map(tokio::net::UdpSocket::from_std)
+        .collect::<io::Result<Vec<_>>>()?;
+    let tcp_listeners = sockets
+        .tcp
+        .into_iter()
+        .map(tokio::net::TcpListener::from_std)
+        .collect::<io::Result<Vec<_>>>()?;
+    let tunables = Rc::new((**shared.tunables.load()).clone());
+    let w = Rc::new(Worker {
+        udp: udp::Udp::new(udp_sockets, buffer)?,
+        tcp: tcp::Tcp::new(tcp_listeners),
+        picker: RefCell::new(Picker::default()),
+        tunables: RefCell::new(tunables),
+        shared,
+    });
+    let connections = TaskTracker::new();
+    let mut listeners = JoinSet::new();
+    for i in 0..w.udp.listeners.len() {
+        listeners.spawn_local(udp::serve_listener(w.clone(), i, stop_accepting.clone()));
+        listeners.spawn_local(tcp::serve_listener(
+            w.clone(),
+            i,
+            stop_accepting.clone(),
+            connections.clone(),
+        ));
+    }
+    // Answers keep flowing until the drain below is over.
+    let stop_answers = CancellationToken::new();
+    let mut answers = JoinSet::new();
+    answers.spawn_local(udp::serve_upstream(w.clone(), false, stop_answers.clone()));
+    answers.spawn_local(udp::serve_upstream(w.clone(), true, stop_answers.clone()));
+    let ticker = {
+        let (w, stop) = (w.clone(), stop_answers.clone());
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                w.refresh();
+                udp::expire(&w, Instant::now());
+                w.tcp.prune();
+            }
+        })
+    };
+    let mut result = Ok(());
+    tokio::select! {
+        _ = stop_accepting.cancelled() => {}
+        Some(r) = listeners.join_next() => {
+            result = Err(match r {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => io::Error::other("a listener stopped without being asked to"),
+                Err(e) => io::Error::other(e),
+            });
+            tracing::error!("data-plane worker failing: {:?}", result);
+            stop_accepting.cancel();
+        }
+        Some(r) = answers.join_next() => {
+            result = Err(match r {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => io::Error::other("an upstream socket stopped without being asked to"),
+                Err(e) => io::Error::other(e),
+            });
+            tracing::error!("data-plane worker failing: {:?}", result);
+            stop_accepting.cancel();
+        }
+    }
+    while listeners.join_next().await.is_some() {}
+    connections.close();
+    // Drain: UDP queries in flight get their answers (or time out), TCP connections
+    // finish the queries they have read.
+    loop {
+        if w.udp.table.borrow().live() == 0 && connections.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = hard_stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+    let fall = w.tunables().fall;
+    w.udp.table.borrow_mut().clear(|d| d.abandon(fall));
+    stop_answers.cancel();
+    let _ = ticker.await;
+    while answers.join_next().await.is_some() {}
+    result
+}
