@@ -1,0 +1,460 @@
+//! The data plane against real BIND: answers equal direct answers over UDP and TCP,
+//! TC passes through, pipelining, many IDs on one socket, malformed input, SERVFAIL
+//! with no backend, swaps with queries in flight, policies, signals.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+
+const T: Duration = Duration::from_secs(3);
+
+fn cases() -> Vec<(&'static str, RecordType)> {
+    vec![
+        ("example.test.", RecordType::SOA),
+        ("example.test.", RecordType::NS),
+        ("example.test.", RecordType::A),
+        ("example.test.", RecordType::MX),
+        ("example.test.", RecordType::TXT),
+        ("example.test.", RecordType::CAA),
+        ("www.example.test.", RecordType::A),
+        ("www.example.test.", RecordType::AAAA),
+        ("ftp.example.test.", RecordType::CNAME),
+        ("ftp.example.test.", RecordType::A),
+        ("_sip._udp.example.test.", RecordType::SRV),
+        ("anything.wild.example.test.", RecordType::A),
+        ("Other.WILD.example.test.", RecordType::TXT),
+        ("sub.example.test.", RecordType::NS),
+        ("host.sub.example.test.", RecordType::A),
+        ("big.example.test.", RecordType::TXT),
+        ("missing.example.test.", RecordType::A),
+        ("www.example.test.", RecordType::MX),
+        ("www.example.test.", RecordType::Unknown(65280)),
+    ]
+}
+
+#[test]
+fn every_answer_through_dnslb_equals_the_direct_answer_over_udp_and_tcp() {
+    let ns1 = Named::start();
+    let ns2 = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns1.addr), ("ns2", ns2.addr)], ""));
+    for (name, rtype) in cases() {
+        for edns in [true, false] {
+            let q = query(name, rtype, edns);
+            let direct = udp_query_raw(ns1.addr, &q, T).unwrap();
+            let via = udp_query_raw(lb.dns, &q, T).unwrap();
+            assert_eq!(&via[..2], &q[..2], "{name} {rtype}: ID restored");
+            if Message::from_vec(&direct).unwrap().truncation {
+                // BIND fills a truncated answer with a random subset: compare the header.
+                assert_eq!(&via[2..12], &direct[2..12], "UDP TC {name} {rtype}");
+            } else {
+                assert_eq!(canonical(&via), canonical(&direct), "UDP {name} {rtype} edns={edns}");
+            }
+            let direct = tcp_query_raw(ns1.addr, &q).unwrap();
+            let via = tcp_query_raw(lb.dns, &q).unwrap();
+            assert_eq!(&via[..2], &q[..2]);
+            assert_eq!(canonical(&via), canonical(&direct), "TCP {name} {rtype} edns={edns}");
+        }
+    }
+    // The referral really is one: NS in authority, glue in additional, AA clear.
+    let m = Message::from_vec(&udp_query_raw(lb.dns, &query("host.sub.example.test.", RecordType::A, true), T).unwrap()).unwrap();
+    assert!(!m.authoritative && m.answers.is_empty());
+    assert_eq!(m.authorities.len(), 2);
+    assert!(m.additionals.iter().filter(|r| r.record_type() == RecordType::A).count() == 2);
+    // dig, a real client, agrees.
+    let port = lb.dns.port().to_string();
+    let out = run("dig", &["@127.0.0.1", "-p", &port, "+short", "+norec", "www.example.test.", "A"]);
+    let mut ips: Vec<&str> = out.lines().collect();
+    ips.sort();
+    assert_eq!(ips, vec!["192.0.2.20", "192.0.2.21"]);
+    let out = run("dig", &["@127.0.0.1", "-p", &port, "+tcp", "+short", "+norec", "_sip._udp.example.test.", "SRV"]);
+    assert_eq!(out.trim(), "10 60 5060 sip.example.test.");
+}
+
+#[test]
+fn tc_passes_through_on_udp_without_edns_and_tcp_gets_the_whole_rrset() {
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    let q = query("big.example.test.", RecordType::TXT, false);
+    let via = Message::from_vec(&udp_query_raw(lb.dns, &q, T).unwrap()).unwrap();
+    assert!(via.truncation, "TC must pass through");
+    let full = Message::from_vec(&tcp_query_raw(lb.dns, &q).unwrap()).unwrap();
+    assert!(!full.truncation);
+    assert_eq!(full.answers.len(), 12);
+    // kdig, a second real client, sees TC over UDP and all records over TCP.
+    let port = lb.dns.port().to_string();
+    let out = run("kdig", &["@127.0.0.1", "-p", &port, "+noedns", "+notcp", "big.example.test.", "TXT"]);
+    assert!(out.contains("Flags: qr aa tc"), "{out}");
+    let out = run("kdig", &["@127.0.0.1", "-p", &port, "+tcp", "+short", "big.example.test.", "TXT"]);
+    assert_eq!(out.lines().count(), 12, "{out}");
+}
+
+#[test]
+fn fifty_plus_pipelined_tcp_queries_on_one_connection_are_all_answered() {
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let names: Vec<String> = (0..60).map(|i| format!("h{i}.wild.example.test.")).collect();
+    let mut expected = std::collections::HashMap::new();
+    let mut all = Vec::new();
+    for n in &names {
+        let q = query(n, RecordType::A, true);
+        expected.insert(u16::from_be_bytes([q[0], q[1]]), n.clone());
+        all.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        all.extend_from_slice(&q);
+    }
+    use std::io::Write;
+    s.write_all(&all).unwrap(); // all 60 in one write: truly pipelined
+    for _ in 0..names.len() {
+        let m = Message::from_vec(&read_frame(&mut s).unwrap()).unwrap();
+        let name = expected.remove(&m.id).expect("answer to a query we sent, once");
+        assert_eq!(m.queries[0].name().to_ascii(), name);
+        assert_eq!(m.answers.len(), 1);
+    }
+    assert!(expected.is_empty());
+}
+
+#[test]
+fn five_hundred_udp_queries_from_one_socket_are_all_answered_correctly() {
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut pending = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..500u16 {
+        let name = format!("q{i}.wild.example.test.");
+        let mut q = query(&name, RecordType::A, true);
+        q[..2].copy_from_slice(&i.to_be_bytes());
+        s.send_to(&q, lb.dns).unwrap();
+        pending.insert(i, name);
+        // Keep at most 100 outstanding so the loopback socket buffer never overflows.
+        if pending.len() >= 100 || i == 499 {
+            while pending.len() > if i == 499 { 0 } else { 50 } {
+                let (n, from) = s.recv_from(&mut buf).expect("every query answered");
+                assert_eq!(from, lb.dns, "answer comes from the address queried");
+                let m = Message::from_vec(&buf[..n]).unwrap();
+                let name = pending.remove(&m.id).expect("known ID, answered once");
+                assert_eq!(m.queries[0].name().to_ascii(), name);
+                assert_eq!(m.response_code, ResponseCode::NoError);
+            }
+        }
+    }
+}
+
+fn scrape(lb: &Dnslb) -> String {
+    let (st, body) = lb.http("GET", "/metrics", None);
+    assert_eq!(st, 200);
+    body
+}
+
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn malformed_input_is_dropped_counted_and_harmless() {
+    use dnslb::metrics::DROPPED;
+    use std::io::Write;
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], "[tcp]\nidle_timeout_ms = 500\n"));
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.send_to(&[], lb.dns).unwrap();
+    s.send_to(&[1, 2, 3, 4, 5], lb.dns).unwrap();
+    let mut resp = query("www.example.test.", RecordType::A, false);
+    resp[2] |= 0x80;
+    s.send_to(&resp, lb.dns).unwrap();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..200 {
+        let len = rng.usize(0..600);
+        let mut junk: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+        if junk.len() > 2 {
+            junk[2] &= 0x7f; // mostly "queries", to reach the deeper parsing
+        }
+        let _ = s.send_to(&junk, lb.dns);
+    }
+    // TCP: garbage, a frame too short for a header, a huge length cut off half way.
+    let mut t = TcpStream::connect(lb.dns).unwrap();
+    t.write_all(&[0, 3, 1, 2, 3]).unwrap();
+    let mut t2 = TcpStream::connect(lb.dns).unwrap();
+    t2.write_all(&[0xff, 0xff, 1, 2, 3, 4]).unwrap();
+    let mut t3 = TcpStream::connect(lb.dns).unwrap();
+    let junk: Vec<u8> = (0..3000).map(|_| rng.u8(..)).collect();
+    let _ = t3.write_all(&junk);
+    // A QR=1 frame on TCP.
+    let mut t4 = TcpStream::connect(lb.dns).unwrap();
+    write_frame(&mut t4, &resp).unwrap();
+    // Each of those connections gets closed (read returns 0 or an error).
+    for c in [&mut t, &mut t2, &mut t4] {
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut b = [0u8; 16];
+        use std::io::Read;
+        let r = c.read(&mut b);
+        assert!(matches!(r, Ok(0) | Err(_)), "connection closed: {r:?}");
+    }
+    // Still alive and answering, over both transports.
+    let q = query("www.example.test.", RecordType::A, true);
+    assert!(udp_query(lb.dns, &q, T).unwrap().answers.len() == 2);
+    assert!(Message::from_vec(&tcp_query_raw(lb.dns, &q).unwrap()).unwrap().answers.len() == 2);
+    // Content only the backend can judge is forwarded: two questions -> FORMERR,
+    // an unknown opcode -> NOTIMP, exactly as BIND answers directly.
+    let mut two = query("www.example.test.", RecordType::A, false);
+    let tail = two[12..].to_vec();
+    two.extend_from_slice(&tail);
+    two[5] = 2;
+    let mut op = query("www.example.test.", RecordType::A, false);
+    op[2] = (op[2] & 0x87) | (3 << 3);
+    for q in [&two, &op] {
+        let direct = Message::from_vec(&udp_query_raw(ns.addr, q, T).unwrap()).unwrap();
+        let via = Message::from_vec(&udp_query_raw(lb.dns, q, T).unwrap()).unwrap();
+        assert_eq!(via.response_code, direct.response_code);
+        assert_ne!(via.response_code, ResponseCode::NoError);
+    }
+    let m = scrape(&lb);
+    for (reason, transport) in [
+        ("short", "udp"),
+        ("response_to_listener", "udp"),
+        ("bad_length", "tcp"),
+        ("response_to_listener", "tcp"),
+    ] {
+        assert!(
+            metric(&m, DROPPED, &[("reason", reason), ("transport", transport)]) >= 1.0,
+            "{reason}/{transport} counted:\n{m}"
+        );
+    }
+    assert!(metric(&m, DROPPED, &[("reason", "short"), ("transport", "udp")]) >= 2.0);
+}
+
+#[test]
+fn no_usable_backend_gets_servfail_at_once() {
+    // Nothing listens on the backend port: the first health check marks it down.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lb = Dnslb::start(&config(&[("dead", dead)], ""));
+    assert!(eventually(Duration::from_secs(5), || lb.http("GET", "/v1/backends/dead", None).1.contains("\"down\"")));
+    for tcp in [false, true] {
+        let q = query("www.example.test.", RecordType::A, true);
+        let start = Instant::now();
+        let raw = if tcp { tcp_query_raw(lb.dns, &q).unwrap() } else { udp_query_raw(lb.dns, &q, T).unwrap() };
+        let took = start.elapsed();
+        let m = Message::from_vec(&raw).unwrap();
+        assert_eq!(m.response_code, ResponseCode::ServFail);
+        assert_eq!(m.id, u16::from_be_bytes([q[0], q[1]]));
+        assert_eq!(m.queries.len(), 1);
+        assert!(took < Duration::from_millis(200), "{took:?}");
+    }
+    // An empty set (valid config) answers SERVFAIL too.
+    let lb = Dnslb::start(&config(&[], ""));
+    let m = udp_query(lb.dns, &query("www.example.test.", RecordType::A, false), T).unwrap();
+    assert_eq!(m.response_code, ResponseCode::ServFail);
+}
+
+/// A backend that answers (through a real named) only after `delay`: it keeps queries
+/// in flight long enough to swap the set under them.
+struct SlowBackend {
+    addr: SocketAddr,
+    seen: Arc<AtomicUsize>,
+}
+
+fn slow_backend(named: SocketAddr, delay: Duration) -> SlowBackend {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    let addr = sock.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            seen2.fetch_add(1, Ordering::SeqCst);
+            let q = buf[..n].to_vec();
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                if let Ok(a) = udp_query_raw(named, &q, T) {
+                    let _ = sock.send_to(&a, from);
+                }
+            });
+        }
+    });
+    SlowBackend { addr, seen }
+}
+
+#[test]
+fn swap_delete_and_drain_deliver_every_answer_in_flight() {
+    let ns = Named::start();
+    let slow = slow_backend(ns.addr, Duration::from_millis(400));
+    // Health checks of the slow backend would time out; give them room.
+    let lb = Dnslb::start(&config(&[("slow", slow.addr)], "[balance]\nquery_timeout_ms = 3000\n").replace("timeout_ms = 200", "timeout_ms = 1000"));
+    for step in ["put", "delete", "drain"] {
+        if step != "put" {
+            let (st, _) = lb.http("PUT", "/v1/backends", Some(&format!(r#"{{"backends":[{{"name":"slow","address":"{}"}}]}}"#, slow.addr)));
+            assert_eq!(st, 200);
+        }
+        let clients: Vec<UdpSocket> = (0..40).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let before = slow.seen.load(Ordering::SeqCst);
+        for c in &clients {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns).unwrap();
+        }
+        assert!(eventually(T, || slow.seen.load(Ordering::SeqCst) >= before + 40), "all 40 in flight");
+        let (st, body) = match step {
+            "put" => lb.http("PUT", "/v1/backends", Some(&format!(r#"{{"backends":[{{"name":"fast","address":"{}"}}]}}"#, ns.addr))),
+            "delete" => {
+                lb.http("POST", "/v1/backends", Some(&format!(r#"{{"name":"fast","address":"{}"}}"#, ns.addr)));
+                lb.http("DELETE", "/v1/backends/slow", None)
+            }
+            _ => {
+                lb.http("POST", "/v1/backends", Some(&format!(r#"{{"name":"fast","address":"{}"}}"#, ns.addr)));
+                lb.http("POST", "/v1/backends/slow/drain", None)
+            }
+        };
+        assert_eq!(st, 200, "{step}: {body}");
+        // A query after the call returned never reaches the removed/draining backend.
+        let seen_after_swap = slow.seen.load(Ordering::SeqCst);
+        for _ in 0..20 {
+            let m = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
+            assert_eq!(m.answers.len(), 2);
+        }
+        assert_eq!(slow.seen.load(Ordering::SeqCst), seen_after_swap, "{step}: no new query to the old backend");
+        // Every in-flight answer arrives.
+        let mut buf = [0u8; 4096];
+        for c in &clients {
+            let (n, _) = c.recv_from(&mut buf).unwrap_or_else(|e| panic!("{step}: in-flight answer lost: {e}"));
+            assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 2);
+        }
+        if step == "drain" {
+            let (_, body) = lb.http("GET", "/v1/backends/slow", None);
+            assert!(body.contains("\"draining\"") && body.contains("\"outstanding\":0"), "{body}");
+        }
+    }
+}
+
+fn queries_per_backend(lb: &Dnslb) -> Vec<(String, u64)> {
+    let (_, body) = lb.http("GET", "/v1/backends", None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["name"].as_str().unwrap().to_string(), b["queries_total"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn each_policy_spreads_queries_as_it_should() {
+    let ns1 = Named::start();
+    let ns2 = Named::start();
+    let backends = format!(
+        "[[backend]]\nname = \"a\"\naddress = \"{}\"\nweight = 1\n[[backend]]\nname = \"b\"\naddress = \"{}\"\nweight = 3\n",
+        ns1.addr, ns2.addr
+    );
+    for policy in ["round-robin", "weighted-random", "first-available", "least-outstanding"] {
+        let lb = Dnslb::start(&format!("{}{backends}", config(&[], &format!("[balance]\npolicy = \"{policy}\"\n"))));
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut buf = [0u8; 4096];
+        for _ in 0..400 {
+            s.send_to(&query("www.example.test.", RecordType::A, false), lb.dns).unwrap();
+            s.recv_from(&mut buf).unwrap();
+        }
+        let q = queries_per_backend(&lb);
+        let (a, b) = (q[0].1 as f64, q[1].1 as f64);
+        assert_eq!(a + b, 400.0, "{policy}: {q:?}");
+        match policy {
+            // Each worker rotates on its own, so the split is exact per worker.
+            "round-robin" => assert!((a - b).abs() <= 4.0, "{policy}: {q:?}"),
+            "weighted-random" => assert!((0.65..0.85).contains(&(b / 400.0)), "{policy}: {q:?}"),
+            "first-available" => assert_eq!(b, 0.0, "{policy}: {q:?}"),
+            // Sequential queries: nothing outstanding, ties rotate.
+            _ => assert!(a >= 100.0 && b >= 100.0, "{policy}: {q:?}"),
+        }
+    }
+}
+
+#[test]
+fn sigterm_finishes_queries_in_flight_then_exits_zero() {
+    let ns = Named::start();
+    let slow = slow_backend(ns.addr, Duration::from_millis(500));
+    let mut lb = Dnslb::start(&config(&[("slow", slow.addr)], "[server]\nshutdown_grace_ms = 3000\n").replace("timeout_ms = 200", "timeout_ms = 1000"));
+    let clients: Vec<UdpSocket> = (0..10).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    for c in &clients {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns).unwrap();
+    }
+    assert!(eventually(T, || slow.seen.load(Ordering::SeqCst) >= 10));
+    let start = Instant::now();
+    lb.signal("TERM");
+    let mut buf = [0u8; 4096];
+    for c in &clients {
+        c.recv_from(&mut buf).expect("in-flight answer delivered during shutdown");
+    }
+    assert_eq!(lb.wait(Duration::from_secs(5)), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(3), "drain bounded: {:?}", start.elapsed());
+    // New queries are refused once stopped (the port is closed).
+    assert!(udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), Duration::from_millis(300)).is_err());
+}
+
+#[test]
+fn grace_period_bounds_shutdown_when_a_backend_never_answers() {
+    // A backend that swallows queries keeps them in flight; the grace period ends it.
+    let black_hole = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = black_hole.local_addr().unwrap();
+    let mut lb = Dnslb::start(&config(&[("hole", addr)], "[server]\nshutdown_grace_ms = 700\n[balance]\nquery_timeout_ms = 10000\n[health]\n").replace("[health]\n\n", "").replace("interval_ms = 200", "interval_ms = 60000"));
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    lb.signal("TERM");
+    assert_eq!(lb.wait(Duration::from_secs(5)), Some(0));
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(600) && took < Duration::from_secs(3), "{took:?}");
+    assert!(lb.logs().iter().any(|l| l.contains("grace period")), "{:?}", lb.logs());
+}
+
+#[test]
+fn sighup_reloads_tunables_without_dropping_traffic() {
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    let (_, body) = lb.http("GET", "/v1/status", None);
+    assert!(body.contains("least-outstanding"), "{body}");
+    let path = lb.dir.path().join("dnslb.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}[balance]\npolicy = \"round-robin\"\n")).unwrap();
+    lb.signal("HUP");
+    assert!(eventually(T, || lb.http("GET", "/v1/status", None).1.contains("round-robin")));
+    // A broken config on HUP is refused and the old one keeps running.
+    std::fs::write(&path, format!("{text}[balance]\npolicy = \"nope\"\n")).unwrap();
+    lb.signal("HUP");
+    assert!(eventually(T, || lb.logs().iter().any(|l| l.contains("reload refused"))));
+    assert!(udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).is_ok());
+    assert!(lb.http("GET", "/v1/status", None).1.contains("round-robin"));
+}
+
+#[test]
+fn check_flag_lists_every_problem_and_version_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "[listen]\ndns = [\"0.0.0.0:53\"]\n[balance]\nquery_timeout_ms = 0\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:53\"\nweight = 0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb")).arg("--config").arg(&p).arg("--check").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["specific address", "query_timeout_ms", "query_name", "weight"] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    std::fs::write(&p, config(&[], "")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb")).arg("--config").arg(&p).arg("--check").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb")).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let _ = HashSet::<u8>::new();
+}
