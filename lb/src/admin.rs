@@ -117,7 +117,8 @@ struct PutBody {
 
 /// Parses a JSON body with a 400 and a precise reason on failure.
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
 }
 
 /// The router; tests drive it without a socket.
@@ -176,7 +177,11 @@ async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()).into_response();
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".into(),
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -188,17 +193,26 @@ async fn list(State(s): State<AdminState>) -> Json<serde_json::Value> {
     Json(json!({ "generation": snap.generation, "backends": backends }))
 }
 
-async fn one(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<BackendView>, ApiError> {
+async fn one(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<BackendView>, ApiError> {
     let snap = s.shared.set.load();
     snap.get(&name)
         .map(|e| Json(view(e)))
         .ok_or_else(|| SetError::NotFound(name).into())
 }
 
-async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+async fn replace(
+    State(s): State<AdminState>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let body: PutBody = parse(&body)?;
     if body.backends.is_empty() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "the backend set must not be empty".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "the backend set must not be empty".into(),
+        ));
     }
     let problems = crate::config::validate_backends(&body.backends);
     if !problems.is_empty() {
@@ -218,7 +232,10 @@ async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<serde_
         let new: Vec<_> = body
             .backends
             .iter()
-            .filter(|b| snap.get(&b.name).is_none_or(|e| e.spec.address != b.address))
+            .filter(|b| {
+                snap.get(&b.name)
+                    .is_none_or(|e| e.spec.address != b.address)
+            })
             .cloned()
             .collect();
         let mut checks = tokio::task::JoinSet::new();
@@ -236,7 +253,10 @@ async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<serde_
             failed.sort();
             return Err(ApiError(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("health check failed, nothing changed: {}", failed.join("; ")),
+                format!(
+                    "health check failed, nothing changed: {}",
+                    failed.join("; ")
+                ),
             ));
         }
     }
@@ -258,11 +278,18 @@ async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<serde_
             })
             .collect())
     })?;
-    tracing::info!(generation, backends = body.backends.len(), "backend set replaced");
+    tracing::info!(
+        generation,
+        backends = body.backends.len(),
+        "backend set replaced"
+    );
     Ok(Json(json!({ "generation": generation })))
 }
 
-async fn add(State(s): State<AdminState>, body: Bytes) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+async fn add(
+    State(s): State<AdminState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let b: BackendConfig = parse(&body)?;
     let generation = s.shared.change(|cur| {
         if cur.get(&b.name).is_some() {
@@ -276,10 +303,16 @@ async fn add(State(s): State<AdminState>, body: Bytes) -> Result<(StatusCode, Js
         Ok(m)
     })?;
     tracing::info!(generation, backend = %b.name, address = %b.address, "backend added");
-    Ok((StatusCode::CREATED, Json(json!({ "generation": generation }))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "generation": generation })),
+    ))
 }
 
-async fn remove(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn remove(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let generation = s.shared.change(|cur| {
         if cur.get(&name).is_none() {
             return Err(SetError::NotFound(name.clone()));
@@ -293,7 +326,11 @@ async fn remove(State(s): State<AdminState>, Path(name): Path<String>) -> Result
     Ok(Json(json!({ "generation": generation })))
 }
 
-fn set_state(s: &AdminState, name: &str, state: MemberState) -> Result<Json<serde_json::Value>, ApiError> {
+fn set_state(
+    s: &AdminState,
+    name: &str,
+    state: MemberState,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let generation = s.shared.change(|cur| {
         if cur.get(name).is_none() {
             return Err(SetError::NotFound(name.to_string()));
@@ -312,11 +349,17 @@ fn set_state(s: &AdminState, name: &str, state: MemberState) -> Result<Json<serd
     Ok(Json(json!({ "generation": generation })))
 }
 
-async fn drain(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn drain(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     set_state(&s, &name, MemberState::Draining)
 }
 
-async fn undrain(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn undrain(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     set_state(&s, &name, MemberState::Active)
 }
 

@@ -195,7 +195,9 @@ impl BackendRuntime {
     pub fn set_health(&self, to: Health, why: &str) {
         let from = self.health.swap(to as u8, Ordering::AcqRel);
         if from != to as u8 {
-            self.metrics.up.set(if to == Health::Down { 0.0 } else { 1.0 });
+            self.metrics
+                .up
+                .set(if to == Health::Down { 0.0 } else { 1.0 });
             tracing::warn!(
                 backend = %self.name,
                 address = %self.address,
@@ -421,7 +423,8 @@ impl BackendSet {
         check(&members)?;
         let generation = cur.generation + 1;
         commit(generation, &members)?;
-        self.current.store(Arc::new(build(generation, &members, &cur)));
+        self.current
+            .store(Arc::new(build(generation, &members, &cur)));
         metrics_generation(generation);
         Ok(generation)
     }
@@ -497,7 +500,11 @@ mod tests {
         let mut c = vec![0; snap.entries.len()];
         for _ in 0..n {
             let e = snap.pick(policy, &mut p).unwrap();
-            let i = snap.entries.iter().position(|x| x.spec.name == e.spec.name).unwrap();
+            let i = snap
+                .entries
+                .iter()
+                .position(|x| x.spec.name == e.spec.name)
+                .unwrap();
             c[i] += 1;
         }
         c
@@ -505,7 +512,11 @@ mod tests {
 
     #[test]
     fn round_robin_is_exact() {
-        let set = BackendSet::new(1, &[member("a", 1, 1), member("b", 2, 1), member("c", 3, 1)]).unwrap();
+        let set = BackendSet::new(
+            1,
+            &[member("a", 1, 1), member("b", 2, 1), member("c", 3, 1)],
+        )
+        .unwrap();
         assert_eq!(counts(&set, Policy::RoundRobin, 300), vec![100, 100, 100]);
     }
 
@@ -521,7 +532,9 @@ mod tests {
     fn first_available_prefers_config_order_and_skips_down() {
         let set = BackendSet::new(1, &[member("a", 1, 1), member("b", 2, 1)]).unwrap();
         assert_eq!(counts(&set, Policy::FirstAvailable, 10), vec![10, 0]);
-        set.load().entries[0].runtime.set_health(Health::Down, "test");
+        set.load().entries[0]
+            .runtime
+            .set_health(Health::Down, "test");
         assert_eq!(counts(&set, Policy::FirstAvailable, 10), vec![0, 10]);
     }
 
@@ -546,7 +559,9 @@ mod tests {
         ] {
             assert_eq!(counts(&set, policy, 20), vec![0, 20], "{policy:?}");
         }
-        set.load().entries[1].runtime.set_health(Health::Down, "test");
+        set.load().entries[1]
+            .runtime
+            .set_health(Health::Down, "test");
         let mut p = Picker::default();
         assert!(set.load().pick(Policy::RoundRobin, &mut p).is_none());
     }
@@ -557,17 +572,26 @@ mod tests {
         let rt = set.load().entries[0].runtime.clone();
         rt.set_health(Health::Up, "test");
         let g = set
-            .update(|s| Ok(members(s).into_iter().chain([member("b", 2, 1)]).collect()), |_, _| Ok(()))
+            .update(
+                |s| Ok(members(s).into_iter().chain([member("b", 2, 1)]).collect()),
+                |_, _| Ok(()),
+            )
             .unwrap();
         assert_eq!(g, 8);
         let snap = set.load();
         assert!(Arc::ptr_eq(&snap.entries[0].runtime, &rt));
         assert_eq!(snap.entries[1].runtime.health(), Health::Unknown);
         // Duplicate names are refused and change nothing.
-        let err = set.update(|_| Ok(vec![member("x", 1, 1), member("x", 2, 1)]), |_, _| Ok(()));
+        let err = set.update(
+            |_| Ok(vec![member("x", 1, 1), member("x", 2, 1)]),
+            |_, _| Ok(()),
+        );
         assert!(matches!(err, Err(SetError::Invalid(_))));
         // A refusing commit changes nothing either.
-        let err = set.update(|_| Ok(vec![member("y", 1, 1)]), |_, _| Err(SetError::Rejected("no".into())));
+        let err = set.update(
+            |_| Ok(vec![member("y", 1, 1)]),
+            |_, _| Err(SetError::Rejected("no".into())),
+        );
         assert!(err.is_err());
         assert_eq!(set.load().generation, 8);
     }

@@ -27,7 +27,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where DNS and the admin API listen.
@@ -46,21 +46,6 @@ pub struct Config {
     pub server: Server,
     /// Seeds the backend set when no state file exists yet.
     pub backend: Vec<BackendConfig>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: Listen::default(),
-            admin: Admin::default(),
-            state: State::default(),
-            balance: Balance::default(),
-            health: HealthConfig::default(),
-            tcp: Tcp::default(),
-            server: Server::default(),
-            backend: Vec::new(),
-        }
-    }
 }
 
 /// `[listen]`
@@ -266,14 +251,26 @@ fn default_weight() -> u32 {
 /// Which keys each table accepts: used to list *every* unknown key, since serde stops at
 /// the first one.
 const SCHEMA: &[(&str, &[&str])] = &[
-    ("", &["listen", "admin", "state", "balance", "health", "tcp", "server", "backend"]),
+    (
+        "",
+        &[
+            "listen", "admin", "state", "balance", "health", "tcp", "server", "backend",
+        ],
+    ),
     ("listen", &["dns", "admin"]),
     ("admin", &["token_file"]),
     ("state", &["path"]),
     ("balance", &["policy", "query_timeout_ms"]),
     (
         "health",
-        &["interval_ms", "timeout_ms", "rise", "fall", "query_name", "query_type"],
+        &[
+            "interval_ms",
+            "timeout_ms",
+            "rise",
+            "fall",
+            "query_name",
+            "query_type",
+        ],
     ),
     (
         "tcp",
@@ -287,7 +284,10 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "backend_max_connections",
         ],
     ),
-    ("server", &["workers", "shutdown_grace_ms", "udp_socket_buffer"]),
+    (
+        "server",
+        &["workers", "shutdown_grace_ms", "udp_socket_buffer"],
+    ),
     ("backend", &["name", "address", "weight"]),
 ];
 
@@ -379,12 +379,17 @@ impl Config {
         }
         let h = &self.health;
         if h.query_name.is_empty() {
-            p.push("health.query_name is required (a name every backend is authoritative for)".into());
+            p.push(
+                "health.query_name is required (a name every backend is authoritative for)".into(),
+            );
         } else if let Err(e) = hickory_proto::rr::Name::from_ascii(&h.query_name) {
             p.push(format!("health.query_name {:?}: {e}", h.query_name));
         }
         if hickory_proto::rr::RecordType::from_str(&h.query_type.to_ascii_uppercase()).is_err() {
-            p.push(format!("health.query_type {:?} is not a record type", h.query_type));
+            p.push(format!(
+                "health.query_type {:?} is not a record type",
+                h.query_type
+            ));
         }
         if h.interval_ms == 0 || h.timeout_ms == 0 {
             p.push("health.interval_ms and health.timeout_ms must be > 0".into());
@@ -544,7 +549,10 @@ mod tests {
             "non-zero port",
             "not loopback",
         ] {
-            assert!(p.iter().any(|m| m.contains(needle)), "{needle} missing in {p:?}");
+            assert!(
+                p.iter().any(|m| m.contains(needle)),
+                "{needle} missing in {p:?}"
+            );
         }
     }
 

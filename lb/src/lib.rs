@@ -2,21 +2,21 @@
 //! swappable snapshot, steered at run time through a local admin API.
 //!
 //! # Layout
-//! - [`config`]: the TOML configuration, its defaults and `validate()`.
-//! - [`packet`]: DNS wire-format helpers for the hot path (header, question key,
+//! - [`config`] — the TOML configuration, its defaults and `validate()`.
+//! - [`packet`] — DNS wire-format helpers for the hot path (header, question key,
 //!   SERVFAIL); never allocates.
-//! - [`backends`]: the backend set (one `ArcSwap<Snapshot>`, serialized writers),
+//! - [`backends`] — the backend set (one `ArcSwap<Snapshot>`, serialized writers),
 //!   per-backend runtime (health, in-flight counts) and the selection policies.
-//! - `udp`: the UDP path: per-worker sockets and the in-flight ID table.
-//! - `tcp`: the TCP path (RFC 7766): pipelined client connections, pooled backend
+//! - `udp` — the UDP path: per-worker sockets and the in-flight ID table.
+//! - `tcp` — the TCP path (RFC 7766): pipelined client connections, pooled backend
 //!   connections.
-//! - [`health`]: active health checks.
-//! - [`admin`]: the HTTP admin API and `/metrics`.
-//! - [`metrics`]: metric names and handles.
-//! - [`state`]: persistence of the backend set.
-//! - [`sockets`]: binding listeners (SO_REUSEPORT, one per worker).
-//! - [`server`]: start-up, worker threads, reload and graceful shutdown.
-//! - [`systemd`]: `sd_notify`.
+//! - [`health`] — active health checks.
+//! - [`admin`] — the HTTP admin API and `/metrics`.
+//! - [`metrics`] — metric names and handles.
+//! - [`state`] — persistence of the backend set.
+//! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker).
+//! - [`server`] — start-up, worker threads, reload and graceful shutdown.
+//! - [`systemd`] — `sd_notify`.
 #![warn(missing_docs)]
 
 pub mod admin;

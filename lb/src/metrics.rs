@@ -44,8 +44,8 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let buckets = [
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                0.5, 1.0, 2.5,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5,
             ];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(BACKEND_LATENCY.into()), &buckets)
@@ -82,8 +82,9 @@ pub struct DataPlane {
 impl DataPlane {
     /// Registers every handle.
     pub fn new() -> Self {
-        let dropped =
-            |t: &'static str| Drop::ALL.map(|d| metrics::counter!(DROPPED, "reason" => d.as_str(), "transport" => t));
+        let dropped = |t: &'static str| {
+            Drop::ALL.map(|d| metrics::counter!(DROPPED, "reason" => d.as_str(), "transport" => t))
+        };
         DataPlane {
             dropped_udp: dropped("udp"),
             dropped_tcp: dropped("tcp"),
@@ -145,7 +146,9 @@ impl Backend {
         let n = name.to_string();
         Backend {
             queries: metrics::counter!(BACKEND_QUERIES, "backend" => n.clone()),
-            responses: RCODES.map(|r| metrics::counter!(BACKEND_RESPONSES, "backend" => n.clone(), "rcode" => r)),
+            responses: RCODES.map(
+                |r| metrics::counter!(BACKEND_RESPONSES, "backend" => n.clone(), "rcode" => r),
+            ),
             timeouts: metrics::counter!(BACKEND_TIMEOUTS, "backend" => n.clone()),
             outstanding: metrics::gauge!(BACKEND_OUTSTANDING, "backend" => n.clone()),
             up: metrics::gauge!(BACKEND_UP, "backend" => n.clone()),

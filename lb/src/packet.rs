@@ -310,14 +310,19 @@ mod tests {
         let mut r = q.clone();
         r[2] |= 0x80;
         assert_eq!(response_matches(&r, &key), Ok(()));
-        let other = parse_query(&query_bytes("b.test.", RecordType::A)).unwrap().key;
+        let other = parse_query(&query_bytes("b.test.", RecordType::A))
+            .unwrap()
+            .key;
         assert_eq!(response_matches(&r, &other), Err(Drop::QuestionMismatch));
         // Empty question section: matches on opcode only.
         let mut empty = r[..12].to_vec();
         empty[4..6].fill(0);
         assert_eq!(response_matches(&empty, &key), Ok(()));
         let notify = QuestionKey { opcode: 4, ..key };
-        assert_eq!(response_matches(&empty, &notify), Err(Drop::QuestionMismatch));
+        assert_eq!(
+            response_matches(&empty, &notify),
+            Err(Drop::QuestionMismatch)
+        );
         assert_eq!(response_matches(&q, &key), Err(Drop::QueryFromBackend));
     }
 

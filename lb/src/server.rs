@@ -145,7 +145,10 @@ pub struct Server {
     shared: Arc<Shared>,
     stop_accepting: CancellationToken,
     hard_stop: CancellationToken,
-    workers: Vec<(std::thread::JoinHandle<()>, oneshot::Receiver<io::Result<()>>)>,
+    workers: Vec<(
+        std::thread::JoinHandle<()>,
+        oneshot::Receiver<io::Result<()>>,
+    )>,
     background: CancellationToken,
     admin: tokio::task::JoinHandle<()>,
     health: tokio::task::JoinHandle<()>,
@@ -248,7 +251,10 @@ impl Server {
             workers.push((handle, rx));
         }
         for a in &dns_addrs {
-            tracing::info!("listening for UDP and TCP on {a} ({} workers)", workers.len());
+            tracing::info!(
+                "listening for UDP and TCP on {a} ({} workers)",
+                workers.len()
+            );
         }
         let background = CancellationToken::new();
         let health = tokio::spawn(health::run(shared.clone(), background.clone()));
@@ -290,14 +296,19 @@ impl Server {
             ("listen", cur.listen != new.listen),
             ("state", cur.state != new.state),
             ("server", cur.server != new.server),
-            ("tcp.max_connections", cur.tcp.max_connections != new.tcp.max_connections),
+            (
+                "tcp.max_connections",
+                cur.tcp.max_connections != new.tcp.max_connections,
+            ),
         ];
         for (key, changed) in fixed {
             if changed {
                 tracing::warn!("reload: [{key}] changed; it takes effect only after a restart");
             }
         }
-        self.shared.tunables.store(Arc::new(Tunables::from_config(&new)));
+        self.shared
+            .tunables
+            .store(Arc::new(Tunables::from_config(&new)));
         self.shared.admin_token.store(Arc::new(token));
         *cur = new;
         tracing::info!("configuration reloaded");
@@ -315,7 +326,10 @@ impl Server {
             let r = match tokio::time::timeout(left, &mut rx).await {
                 Ok(r) => r,
                 Err(_) => {
-                    tracing::warn!("grace period of {:?} ran out; dropping queries still in flight", self.grace);
+                    tracing::warn!(
+                        "grace period of {:?} ran out; dropping queries still in flight",
+                        self.grace
+                    );
                     self.hard_stop.cancel();
                     rx.await
                 }
@@ -336,7 +350,11 @@ impl Server {
 }
 
 /// Runs a server until `shutdown` is cancelled, then shuts it down gracefully.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let server = Server::start(config, listeners)?;
     shutdown.cancelled().await;
     server.shutdown().await?;

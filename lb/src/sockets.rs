@@ -40,7 +40,9 @@ impl Listeners {
 
     /// The admin address actually bound.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().expect("bound socket has an address")
+        self.admin
+            .local_addr()
+            .expect("bound socket has an address")
     }
 }
 
@@ -68,7 +70,10 @@ pub fn bind(config: &Config) -> io::Result<Listeners> {
         }
     }
     let admin = TcpListener::bind(config.listen.admin).map_err(|e| {
-        io::Error::new(e.kind(), format!("binding admin {}: {e}", config.listen.admin))
+        io::Error::new(
+            e.kind(),
+            format!("binding admin {}: {e}", config.listen.admin),
+        )
     })?;
     admin.set_nonblocking(true)?;
     Ok(Listeners {

@@ -119,6 +119,9 @@ mod tests {
         assert_eq!(load(&path).unwrap(), Some(state));
         fs::write(&path, "{not json").unwrap();
         let err = load(&path).unwrap_err().to_string();
-        assert!(err.contains("state.json") && err.contains("corrupt"), "{err}");
+        assert!(
+            err.contains("state.json") && err.contains("corrupt"),
+            "{err}"
+        );
     }
 }

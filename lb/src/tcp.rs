@@ -160,7 +160,10 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
 
 /// Writes frames from `rx` until every sender is gone, flushing only when no more are
 /// queued so that answers arriving together leave in one segment.
-async fn write_frames<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) -> io::Result<()> {
+async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) -> io::Result<()> {
     let mut wr = BufWriter::with_capacity(16 * 1024, wr);
     while let Some(msg) = rx.recv().await {
         wr.write_all(&(msg.len() as u16).to_be_bytes()).await?;
@@ -297,7 +300,12 @@ impl Upstream {
         up
     }
 
-    async fn query(&self, msg: Vec<u8>, key: QuestionKey, deadline: tokio::time::Instant) -> Result<Vec<u8>, UpError> {
+    async fn query(
+        &self,
+        msg: Vec<u8>,
+        key: QuestionKey,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<u8>, UpError> {
         let (reply, rx) = oneshot::channel();
         self.pending.set(self.pending.get() + 1);
         let result = if self.tx.send(Request { msg, key, reply }).is_err() {
@@ -347,7 +355,13 @@ async fn run_upstream(
                     }
                     let id = next_id;
                     next_id = next_id.wrapping_add(1);
-                    map.insert(id, InFlight { key: req.key, reply: req.reply });
+                    map.insert(
+                        id,
+                        InFlight {
+                            key: req.key,
+                            reply: req.reply,
+                        },
+                    );
                     id
                 };
                 packet::set_id(&mut req.msg, id);
@@ -371,7 +385,9 @@ async fn run_upstream(
                     map.retain(|_, f| !f.reply.is_closed());
                     !map.is_empty() || up.pending.get() > 0 || last_busy.get().elapsed() < idle
                 };
-                let Frame::Message(msg) = read_frame(&mut rd, tick, packet::MAX_MESSAGE, busy).await else {
+                let Frame::Message(msg) =
+                    read_frame(&mut rd, tick, packet::MAX_MESSAGE, busy).await
+                else {
                     return;
                 };
                 last_busy.set(Instant::now());

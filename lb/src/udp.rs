@@ -39,6 +39,15 @@ struct Slot {
     backend: Option<Arc<BackendRuntime>>,
 }
 
+/// Where a query came from and what its answer must match.
+#[derive(Clone, Copy)]
+struct Origin {
+    client: SocketAddr,
+    client_id: u16,
+    listener: u16,
+    key: QuestionKey,
+}
+
 /// A query forwarded and not yet answered.
 pub(crate) struct Done {
     client: SocketAddr,
@@ -101,12 +110,15 @@ impl Inflight {
         &mut self,
         now: Instant,
         timeout_ms: u64,
-        client: SocketAddr,
-        client_id: u16,
-        listener: u16,
-        key: QuestionKey,
+        from: Origin,
         backend: &Arc<BackendRuntime>,
     ) -> Option<u16> {
+        let Origin {
+            client,
+            client_id,
+            listener,
+            key,
+        } = from;
         let id = self.free.pop_front()?;
         let slot = &mut self.slots[usize::from(id)];
         slot.seq = slot.seq.wrapping_add(1);
@@ -227,7 +239,11 @@ fn upstream_socket(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
 }
 
 /// Receives on one listener until cancelled.
-pub(crate) async fn serve_listener(w: Rc<Worker>, index: usize, cancel: CancellationToken) -> io::Result<()> {
+pub(crate) async fn serve_listener(
+    w: Rc<Worker>,
+    index: usize,
+    cancel: CancellationToken,
+) -> io::Result<()> {
     let sock = w.udp.listeners[index].clone();
     let listener = index as u16;
     recv_loop(&sock, &cancel, &w, |buf, len, from| {
@@ -237,7 +253,11 @@ pub(crate) async fn serve_listener(w: Rc<Worker>, index: usize, cancel: Cancella
 }
 
 /// Receives backend answers on one upstream socket until `stop` is cancelled.
-pub(crate) async fn serve_upstream(w: Rc<Worker>, v6: bool, stop: CancellationToken) -> io::Result<()> {
+pub(crate) async fn serve_upstream(
+    w: Rc<Worker>,
+    v6: bool,
+    stop: CancellationToken,
+) -> io::Result<()> {
     let sock = if v6 {
         match &w.udp.up6 {
             Some(s) => s.clone(),
@@ -246,7 +266,10 @@ pub(crate) async fn serve_upstream(w: Rc<Worker>, v6: bool, stop: CancellationTo
     } else {
         w.udp.up4.clone()
     };
-    recv_loop(&sock, &stop, &w, |buf, len, from| on_answer(&w, buf, len, from)).await
+    recv_loop(&sock, &stop, &w, |buf, len, from| {
+        on_answer(&w, buf, len, from)
+    })
+    .await
 }
 
 /// Drains a socket in batches; transient errors are counted and skipped, a run of
@@ -296,7 +319,9 @@ fn on_query(w: &Worker, listener: u16, buf: &mut [u8], len: usize, client: Socke
     };
     let tun = w.tunables();
     let snap = w.shared.set.load();
-    let picked = snap.pick(tun.policy, &mut w.picker.borrow_mut()).map(|e| &e.runtime);
+    let picked = snap
+        .pick(tun.policy, &mut w.picker.borrow_mut())
+        .map(|e| &e.runtime);
     let sock = &w.udp.listeners[usize::from(listener)];
     let Some(backend) = picked else {
         m.no_backend_udp.increment(1);
@@ -312,15 +337,17 @@ fn on_query(w: &Worker, listener: u16, buf: &mut [u8], len: usize, client: Socke
         (SocketAddr::V6(_), None) => return m.drop_udp(Drop::SendFailed),
     };
     let now = Instant::now();
-    let id = w.udp.table.borrow_mut().insert(
-        now,
-        tun.query_timeout_ms,
+    let origin = Origin {
         client,
-        q.id,
+        client_id: q.id,
         listener,
-        q.key,
-        backend,
-    );
+        key: q.key,
+    };
+    let id = w
+        .udp
+        .table
+        .borrow_mut()
+        .insert(now, tun.query_timeout_ms, origin, backend);
     let Some(id) = id else {
         m.drop_udp(Drop::IdsExhausted);
         let n = packet::servfail_in_place(msg, q.question_end);
@@ -343,7 +370,8 @@ fn on_answer(w: &Worker, buf: &mut [u8], len: usize, from: SocketAddr) {
         Err(d) => return w.shared.metrics.drop_udp(d),
     };
     packet::set_id(msg, done.client_id);
-    done.backend.on_response(packet::rcode(msg), done.sent.elapsed());
+    done.backend
+        .on_response(packet::rcode(msg), done.sent.elapsed());
     let sock = &w.udp.listeners[usize::from(done.listener)];
     if sock.try_send_to(msg, done.client).is_err() {
         w.shared.metrics.drop_udp(Drop::SendFailed);
@@ -363,8 +391,20 @@ pub(crate) fn expire(w: &Worker, now: Instant) {
 mod tests {
     use super::*;
 
+    fn origin(client: SocketAddr, client_id: u16, key: QuestionKey) -> Origin {
+        Origin {
+            client,
+            client_id,
+            listener: 0,
+            key,
+        }
+    }
+
     fn rt(port: u16) -> Arc<BackendRuntime> {
-        Arc::new(BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], port))))
+        Arc::new(BackendRuntime::new(
+            "t",
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ))
     }
 
     #[test]
@@ -375,10 +415,14 @@ mod tests {
         let now = Instant::now();
         let mut seen = std::collections::HashSet::new();
         for i in 0..IDS {
-            let id = t.insert(now, 1000, c, i as u16, 0, QuestionKey::default(), &b).unwrap();
+            let id = t
+                .insert(now, 1000, origin(c, i as u16, QuestionKey::default()), &b)
+                .unwrap();
             assert!(seen.insert(id));
         }
-        assert!(t.insert(now, 1000, c, 0, 0, QuestionKey::default(), &b).is_none());
+        assert!(t
+            .insert(now, 1000, origin(c, 0, QuestionKey::default()), &b)
+            .is_none());
         t.clear(|_| {});
         assert_eq!(t.live(), 0);
     }
@@ -389,14 +433,21 @@ mod tests {
         let b = rt(1);
         let c = SocketAddr::from(([127, 0, 0, 1], 9));
         let now = Instant::now();
-        let key = QuestionKey { hash: Some(1), opcode: 0 };
-        let a = t.insert(now, 100, c, 1, 0, key, &b).unwrap();
-        let _b2 = t.insert(now, 100, c, 2, 0, key, &b).unwrap();
+        let key = QuestionKey {
+            hash: Some(1),
+            opcode: 0,
+        };
+        let a = t.insert(now, 100, origin(c, 1, key), &b).unwrap();
+        let _b2 = t.insert(now, 100, origin(c, 2, key), &b).unwrap();
         t.release(a);
         let mut expired = vec![];
-        t.expire(now + std::time::Duration::from_millis(50), |d| expired.push(d.client_id));
+        t.expire(now + std::time::Duration::from_millis(50), |d| {
+            expired.push(d.client_id)
+        });
         assert!(expired.is_empty());
-        t.expire(now + std::time::Duration::from_millis(150), |d| expired.push(d.client_id));
+        t.expire(now + std::time::Duration::from_millis(150), |d| {
+            expired.push(d.client_id)
+        });
         assert_eq!(expired, vec![2]);
         assert_eq!(t.live(), 0);
     }
@@ -409,7 +460,19 @@ mod tests {
         let mut msg = vec![0u8; 12];
         msg[2] = 0x80; // QR, empty question, opcode 0
         let id = t
-            .insert(Instant::now(), 1000, c, 7, 0, QuestionKey { hash: None, opcode: 0 }, &b)
+            .insert(
+                Instant::now(),
+                1000,
+                origin(
+                    c,
+                    7,
+                    QuestionKey {
+                        hash: None,
+                        opcode: 0,
+                    },
+                ),
+                &b,
+            )
             .unwrap();
         packet::set_id(&mut msg, id);
         let wrong = SocketAddr::from(([127, 0, 0, 2], 53));

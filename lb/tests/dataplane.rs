@@ -55,26 +55,71 @@ fn every_answer_through_dnslb_equals_the_direct_answer_over_udp_and_tcp() {
                 // BIND fills a truncated answer with a random subset: compare the header.
                 assert_eq!(&via[2..12], &direct[2..12], "UDP TC {name} {rtype}");
             } else {
-                assert_eq!(canonical(&via), canonical(&direct), "UDP {name} {rtype} edns={edns}");
+                assert_eq!(
+                    canonical(&via),
+                    canonical(&direct),
+                    "UDP {name} {rtype} edns={edns}"
+                );
             }
             let direct = tcp_query_raw(ns1.addr, &q).unwrap();
             let via = tcp_query_raw(lb.dns, &q).unwrap();
             assert_eq!(&via[..2], &q[..2]);
-            assert_eq!(canonical(&via), canonical(&direct), "TCP {name} {rtype} edns={edns}");
+            assert_eq!(
+                canonical(&via),
+                canonical(&direct),
+                "TCP {name} {rtype} edns={edns}"
+            );
         }
     }
     // The referral really is one: NS in authority, glue in additional, AA clear.
-    let m = Message::from_vec(&udp_query_raw(lb.dns, &query("host.sub.example.test.", RecordType::A, true), T).unwrap()).unwrap();
+    let m = Message::from_vec(
+        &udp_query_raw(
+            lb.dns,
+            &query("host.sub.example.test.", RecordType::A, true),
+            T,
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert!(!m.authoritative && m.answers.is_empty());
     assert_eq!(m.authorities.len(), 2);
-    assert!(m.additionals.iter().filter(|r| r.record_type() == RecordType::A).count() == 2);
+    assert!(
+        m.additionals
+            .iter()
+            .filter(|r| r.record_type() == RecordType::A)
+            .count()
+            == 2
+    );
     // dig, a real client, agrees.
     let port = lb.dns.port().to_string();
-    let out = run("dig", &["@127.0.0.1", "-p", &port, "+short", "+norec", "www.example.test.", "A"]);
+    let out = run(
+        "dig",
+        &[
+            "@127.0.0.1",
+            "-p",
+            &port,
+            "+short",
+            "+norec",
+            "www.example.test.",
+            "A",
+        ],
+    );
     let mut ips: Vec<&str> = out.lines().collect();
     ips.sort();
     assert_eq!(ips, vec!["192.0.2.20", "192.0.2.21"]);
-    let out = run("dig", &["@127.0.0.1", "-p", &port, "+tcp", "+short", "+norec", "_sip._udp.example.test.", "SRV"]);
+    let out = run(
+        "dig",
+        &[
+            "@127.0.0.1",
+            "-p",
+            &port,
+            "+tcp",
+            "+short",
+            "+norec",
+            "_sip._udp.example.test.",
+            "SRV",
+        ],
+    );
     assert_eq!(out.trim(), "10 60 5060 sip.example.test.");
 }
 
@@ -90,9 +135,31 @@ fn tc_passes_through_on_udp_without_edns_and_tcp_gets_the_whole_rrset() {
     assert_eq!(full.answers.len(), 12);
     // kdig, a second real client, sees TC over UDP and all records over TCP.
     let port = lb.dns.port().to_string();
-    let out = run("kdig", &["@127.0.0.1", "-p", &port, "+noedns", "+notcp", "big.example.test.", "TXT"]);
+    let out = run(
+        "kdig",
+        &[
+            "@127.0.0.1",
+            "-p",
+            &port,
+            "+noedns",
+            "+notcp",
+            "big.example.test.",
+            "TXT",
+        ],
+    );
     assert!(out.contains("Flags: qr aa tc"), "{out}");
-    let out = run("kdig", &["@127.0.0.1", "-p", &port, "+tcp", "+short", "big.example.test.", "TXT"]);
+    let out = run(
+        "kdig",
+        &[
+            "@127.0.0.1",
+            "-p",
+            &port,
+            "+tcp",
+            "+short",
+            "big.example.test.",
+            "TXT",
+        ],
+    );
     assert_eq!(out.lines().count(), 12, "{out}");
 }
 
@@ -102,7 +169,9 @@ fn fifty_plus_pipelined_tcp_queries_on_one_connection_are_all_answered() {
     let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
     let mut s = TcpStream::connect(lb.dns).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
-    let names: Vec<String> = (0..60).map(|i| format!("h{i}.wild.example.test.")).collect();
+    let names: Vec<String> = (0..60)
+        .map(|i| format!("h{i}.wild.example.test."))
+        .collect();
     let mut expected = std::collections::HashMap::new();
     let mut all = Vec::new();
     for n in &names {
@@ -115,7 +184,9 @@ fn fifty_plus_pipelined_tcp_queries_on_one_connection_are_all_answered() {
     s.write_all(&all).unwrap(); // all 60 in one write: truly pipelined
     for _ in 0..names.len() {
         let m = Message::from_vec(&read_frame(&mut s).unwrap()).unwrap();
-        let name = expected.remove(&m.id).expect("answer to a query we sent, once");
+        let name = expected
+            .remove(&m.id)
+            .expect("answer to a query we sent, once");
         assert_eq!(m.queries[0].name().to_ascii(), name);
         assert_eq!(m.answers.len(), 1);
     }
@@ -159,7 +230,11 @@ fn scrape(lb: &Dnslb) -> String {
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -169,7 +244,10 @@ fn malformed_input_is_dropped_counted_and_harmless() {
     use dnslb::metrics::DROPPED;
     use std::io::Write;
     let ns = Named::start();
-    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], "[tcp]\nidle_timeout_ms = 500\n"));
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns.addr)],
+        "[tcp]\nidle_timeout_ms = 500\n",
+    ));
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.send_to(&[], lb.dns).unwrap();
     s.send_to(&[1, 2, 3, 4, 5], lb.dns).unwrap();
@@ -207,7 +285,13 @@ fn malformed_input_is_dropped_counted_and_harmless() {
     // Still alive and answering, over both transports.
     let q = query("www.example.test.", RecordType::A, true);
     assert!(udp_query(lb.dns, &q, T).unwrap().answers.len() == 2);
-    assert!(Message::from_vec(&tcp_query_raw(lb.dns, &q).unwrap()).unwrap().answers.len() == 2);
+    assert!(
+        Message::from_vec(&tcp_query_raw(lb.dns, &q).unwrap())
+            .unwrap()
+            .answers
+            .len()
+            == 2
+    );
     // Content only the backend can judge is forwarded: two questions -> FORMERR,
     // an unknown opcode -> NOTIMP, exactly as BIND answers directly.
     let mut two = query("www.example.test.", RecordType::A, false);
@@ -242,11 +326,18 @@ fn no_usable_backend_gets_servfail_at_once() {
     // Nothing listens on the backend port: the first health check marks it down.
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let lb = Dnslb::start(&config(&[("dead", dead)], ""));
-    assert!(eventually(Duration::from_secs(5), || lb.http("GET", "/v1/backends/dead", None).1.contains("\"down\"")));
+    assert!(eventually(Duration::from_secs(5), || lb
+        .http("GET", "/v1/backends/dead", None)
+        .1
+        .contains("\"down\"")));
     for tcp in [false, true] {
         let q = query("www.example.test.", RecordType::A, true);
         let start = Instant::now();
-        let raw = if tcp { tcp_query_raw(lb.dns, &q).unwrap() } else { udp_query_raw(lb.dns, &q, T).unwrap() };
+        let raw = if tcp {
+            tcp_query_raw(lb.dns, &q).unwrap()
+        } else {
+            udp_query_raw(lb.dns, &q, T).unwrap()
+        };
         let took = start.elapsed();
         let m = Message::from_vec(&raw).unwrap();
         assert_eq!(m.response_code, ResponseCode::ServFail);
@@ -294,27 +385,61 @@ fn swap_delete_and_drain_deliver_every_answer_in_flight() {
     let ns = Named::start();
     let slow = slow_backend(ns.addr, Duration::from_millis(400));
     // Health checks of the slow backend would time out; give them room.
-    let lb = Dnslb::start(&config(&[("slow", slow.addr)], "[balance]\nquery_timeout_ms = 3000\n").replace("timeout_ms = 200", "timeout_ms = 1000"));
+    let lb = Dnslb::start(
+        &config(
+            &[("slow", slow.addr)],
+            "[balance]\nquery_timeout_ms = 3000\n",
+        )
+        .replace("timeout_ms = 200", "timeout_ms = 1000"),
+    );
     for step in ["put", "delete", "drain"] {
         if step != "put" {
-            let (st, _) = lb.http("PUT", "/v1/backends", Some(&format!(r#"{{"backends":[{{"name":"slow","address":"{}"}}]}}"#, slow.addr)));
+            let (st, _) = lb.http(
+                "PUT",
+                "/v1/backends",
+                Some(&format!(
+                    r#"{{"backends":[{{"name":"slow","address":"{}"}}]}}"#,
+                    slow.addr
+                )),
+            );
             assert_eq!(st, 200);
         }
-        let clients: Vec<UdpSocket> = (0..40).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let clients: Vec<UdpSocket> = (0..40)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
         let before = slow.seen.load(Ordering::SeqCst);
         for c in &clients {
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns).unwrap();
+            c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns)
+                .unwrap();
         }
-        assert!(eventually(T, || slow.seen.load(Ordering::SeqCst) >= before + 40), "all 40 in flight");
+        assert!(
+            eventually(T, || slow.seen.load(Ordering::SeqCst) >= before + 40),
+            "all 40 in flight"
+        );
         let (st, body) = match step {
-            "put" => lb.http("PUT", "/v1/backends", Some(&format!(r#"{{"backends":[{{"name":"fast","address":"{}"}}]}}"#, ns.addr))),
+            "put" => lb.http(
+                "PUT",
+                "/v1/backends",
+                Some(&format!(
+                    r#"{{"backends":[{{"name":"fast","address":"{}"}}]}}"#,
+                    ns.addr
+                )),
+            ),
             "delete" => {
-                lb.http("POST", "/v1/backends", Some(&format!(r#"{{"name":"fast","address":"{}"}}"#, ns.addr)));
+                lb.http(
+                    "POST",
+                    "/v1/backends",
+                    Some(&format!(r#"{{"name":"fast","address":"{}"}}"#, ns.addr)),
+                );
                 lb.http("DELETE", "/v1/backends/slow", None)
             }
             _ => {
-                lb.http("POST", "/v1/backends", Some(&format!(r#"{{"name":"fast","address":"{}"}}"#, ns.addr)));
+                lb.http(
+                    "POST",
+                    "/v1/backends",
+                    Some(&format!(r#"{{"name":"fast","address":"{}"}}"#, ns.addr)),
+                );
                 lb.http("POST", "/v1/backends/slow/drain", None)
             }
         };
@@ -325,16 +450,25 @@ fn swap_delete_and_drain_deliver_every_answer_in_flight() {
             let m = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
             assert_eq!(m.answers.len(), 2);
         }
-        assert_eq!(slow.seen.load(Ordering::SeqCst), seen_after_swap, "{step}: no new query to the old backend");
+        assert_eq!(
+            slow.seen.load(Ordering::SeqCst),
+            seen_after_swap,
+            "{step}: no new query to the old backend"
+        );
         // Every in-flight answer arrives.
         let mut buf = [0u8; 4096];
         for c in &clients {
-            let (n, _) = c.recv_from(&mut buf).unwrap_or_else(|e| panic!("{step}: in-flight answer lost: {e}"));
+            let (n, _) = c
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("{step}: in-flight answer lost: {e}"));
             assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 2);
         }
         if step == "drain" {
             let (_, body) = lb.http("GET", "/v1/backends/slow", None);
-            assert!(body.contains("\"draining\"") && body.contains("\"outstanding\":0"), "{body}");
+            assert!(
+                body.contains("\"draining\"") && body.contains("\"outstanding\":0"),
+                "{body}"
+            );
         }
     }
 }
@@ -346,7 +480,12 @@ fn queries_per_backend(lb: &Dnslb) -> Vec<(String, u64)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| (b["name"].as_str().unwrap().to_string(), b["queries_total"].as_u64().unwrap()))
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["queries_total"].as_u64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -358,13 +497,22 @@ fn each_policy_spreads_queries_as_it_should() {
         "[[backend]]\nname = \"a\"\naddress = \"{}\"\nweight = 1\n[[backend]]\nname = \"b\"\naddress = \"{}\"\nweight = 3\n",
         ns1.addr, ns2.addr
     );
-    for policy in ["round-robin", "weighted-random", "first-available", "least-outstanding"] {
-        let lb = Dnslb::start(&format!("{}{backends}", config(&[], &format!("[balance]\npolicy = \"{policy}\"\n"))));
+    for policy in [
+        "round-robin",
+        "weighted-random",
+        "first-available",
+        "least-outstanding",
+    ] {
+        let lb = Dnslb::start(&format!(
+            "{}{backends}",
+            config(&[], &format!("[balance]\npolicy = \"{policy}\"\n"))
+        ));
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         s.set_read_timeout(Some(T)).unwrap();
         let mut buf = [0u8; 4096];
         for _ in 0..400 {
-            s.send_to(&query("www.example.test.", RecordType::A, false), lb.dns).unwrap();
+            s.send_to(&query("www.example.test.", RecordType::A, false), lb.dns)
+                .unwrap();
             s.recv_from(&mut buf).unwrap();
         }
         let q = queries_per_backend(&lb);
@@ -385,23 +533,42 @@ fn each_policy_spreads_queries_as_it_should() {
 fn sigterm_finishes_queries_in_flight_then_exits_zero() {
     let ns = Named::start();
     let slow = slow_backend(ns.addr, Duration::from_millis(500));
-    let mut lb = Dnslb::start(&config(&[("slow", slow.addr)], "[server]\nshutdown_grace_ms = 3000\n").replace("timeout_ms = 200", "timeout_ms = 1000"));
-    let clients: Vec<UdpSocket> = (0..10).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    let mut lb = Dnslb::start(
+        &config(
+            &[("slow", slow.addr)],
+            "[server]\nshutdown_grace_ms = 3000\n",
+        )
+        .replace("timeout_ms = 200", "timeout_ms = 1000"),
+    );
+    let clients: Vec<UdpSocket> = (0..10)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
     for c in &clients {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns).unwrap();
+        c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns)
+            .unwrap();
     }
     assert!(eventually(T, || slow.seen.load(Ordering::SeqCst) >= 10));
     let start = Instant::now();
     lb.signal("TERM");
     let mut buf = [0u8; 4096];
     for c in &clients {
-        c.recv_from(&mut buf).expect("in-flight answer delivered during shutdown");
+        c.recv_from(&mut buf)
+            .expect("in-flight answer delivered during shutdown");
     }
     assert_eq!(lb.wait(Duration::from_secs(5)), Some(0));
-    assert!(start.elapsed() < Duration::from_secs(3), "drain bounded: {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "drain bounded: {:?}",
+        start.elapsed()
+    );
     // New queries are refused once stopped (the port is closed).
-    assert!(udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), Duration::from_millis(300)).is_err());
+    assert!(udp_query(
+        lb.dns,
+        &query("www.example.test.", RecordType::A, true),
+        Duration::from_millis(300)
+    )
+    .is_err());
 }
 
 #[test]
@@ -409,16 +576,31 @@ fn grace_period_bounds_shutdown_when_a_backend_never_answers() {
     // A backend that swallows queries keeps them in flight; the grace period ends it.
     let black_hole = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = black_hole.local_addr().unwrap();
-    let mut lb = Dnslb::start(&config(&[("hole", addr)], "[server]\nshutdown_grace_ms = 700\n[balance]\nquery_timeout_ms = 10000\n[health]\n").replace("[health]\n\n", "").replace("interval_ms = 200", "interval_ms = 60000"));
+    let mut lb = Dnslb::start(
+        &config(
+            &[("hole", addr)],
+            "[server]\nshutdown_grace_ms = 700\n[balance]\nquery_timeout_ms = 10000\n[health]\n",
+        )
+        .replace("[health]\n\n", "")
+        .replace("interval_ms = 200", "interval_ms = 60000"),
+    );
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns).unwrap();
+    c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let start = Instant::now();
     lb.signal("TERM");
     assert_eq!(lb.wait(Duration::from_secs(5)), Some(0));
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(600) && took < Duration::from_secs(3), "{took:?}");
-    assert!(lb.logs().iter().any(|l| l.contains("grace period")), "{:?}", lb.logs());
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(
+        lb.logs().iter().any(|l| l.contains("grace period")),
+        "{:?}",
+        lb.logs()
+    );
 }
 
 #[test]
@@ -429,13 +611,23 @@ fn sighup_reloads_tunables_without_dropping_traffic() {
     assert!(body.contains("least-outstanding"), "{body}");
     let path = lb.dir.path().join("dnslb.toml");
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, format!("{text}[balance]\npolicy = \"round-robin\"\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("{text}[balance]\npolicy = \"round-robin\"\n"),
+    )
+    .unwrap();
     lb.signal("HUP");
-    assert!(eventually(T, || lb.http("GET", "/v1/status", None).1.contains("round-robin")));
+    assert!(eventually(T, || lb
+        .http("GET", "/v1/status", None)
+        .1
+        .contains("round-robin")));
     // A broken config on HUP is refused and the old one keeps running.
     std::fs::write(&path, format!("{text}[balance]\npolicy = \"nope\"\n")).unwrap();
     lb.signal("HUP");
-    assert!(eventually(T, || lb.logs().iter().any(|l| l.contains("reload refused"))));
+    assert!(eventually(T, || lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("reload refused"))));
     assert!(udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).is_ok());
     assert!(lb.http("GET", "/v1/status", None).1.contains("round-robin"));
 }
@@ -445,16 +637,39 @@ fn check_flag_lists_every_problem_and_version_prints() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
     std::fs::write(&p, "[listen]\ndns = [\"0.0.0.0:53\"]\n[balance]\nquery_timeout_ms = 0\n[[backend]]\nname = \"a\"\naddress = \"127.0.0.1:53\"\nweight = 0\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb")).arg("--config").arg(&p).arg("--check").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        .arg("--config")
+        .arg(&p)
+        .arg("--check")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    for needle in ["specific address", "query_timeout_ms", "query_name", "weight"] {
+    for needle in [
+        "specific address",
+        "query_timeout_ms",
+        "query_name",
+        "weight",
+    ] {
         assert!(err.contains(needle), "{needle}: {err}");
     }
     std::fs::write(&p, config(&[], "")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb")).arg("--config").arg(&p).arg("--check").output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb")).arg("--version").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        .arg("--config")
+        .arg(&p)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
     let _ = HashSet::<u8>::new();
 }

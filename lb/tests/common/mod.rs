@@ -68,7 +68,9 @@ zone "example.test" {{ type primary; file "example.test.zone"; }};
             .args(["-g", "-n", "1", "-c"])
             .arg(d.join("named.conf"))
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(d.join("named.log")).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(d.join("named.log")).unwrap(),
+            ))
             .spawn()
             .expect("named is installed (apt-get install bind9)");
         let mut n = Named {
@@ -86,7 +88,11 @@ zone "example.test" {{ type primary; file "example.test.zone"; }};
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("named exited with {st}: {}", self.log());
             }
-            if let Ok(m) = udp_query(self.addr, &query("example.test.", RecordType::SOA, false), Duration::from_millis(200)) {
+            if let Ok(m) = udp_query(
+                self.addr,
+                &query("example.test.", RecordType::SOA, false),
+                Duration::from_millis(200),
+            ) {
                 if m.authoritative {
                     return;
                 }
@@ -152,7 +158,9 @@ timeout_ms = 200
 "#
     );
     for (name, addr) in backends {
-        c.push_str(&format!("[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"));
+        c.push_str(&format!(
+            "[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
+        ));
     }
     c
 }
@@ -167,7 +175,10 @@ impl Dnslb {
     pub fn start_in(dir: tempfile::TempDir, config_text: &str) -> Dnslb {
         let mut text = config_text.to_string();
         if !text.contains("[state]") {
-            text.push_str(&format!("[state]\npath = \"{}\"\n", dir.path().join("state.json").display()));
+            text.push_str(&format!(
+                "[state]\npath = \"{}\"\n",
+                dir.path().join("state.json").display()
+            ));
         }
         std::fs::write(dir.path().join("dnslb.toml"), &text).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_dnslb"))
@@ -193,9 +204,9 @@ impl Dnslb {
         let deadline = Instant::now() + Duration::from_secs(20);
         while dns.is_none() || admin.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                panic!("dnslb did not start: {:?}", log.lock().unwrap())
-            });
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("dnslb did not start: {:?}", log.lock().unwrap()));
             if let Some(rest) = line.split("listening for UDP and TCP on ").nth(1) {
                 dns = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
             }
@@ -217,7 +228,10 @@ impl Dnslb {
     }
 
     pub fn signal(&self, sig: &str) {
-        Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
     }
 
     pub fn alive(&mut self) -> bool {
@@ -265,11 +279,19 @@ impl Drop for Dnslb {
 }
 
 /// Minimal HTTP/1.1 client (one request per connection).
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>, token: Option<&str>) -> (u16, String) {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let body = body.unwrap_or("");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -342,7 +364,12 @@ pub fn canonical(msg: &[u8]) -> (Vec<u8>, Vec<Vec<String>>) {
         v.sort();
         v
     };
-    let edns = m.edns.as_ref().map(|e| format!("{e:?}")).into_iter().collect();
+    let edns = m
+        .edns
+        .as_ref()
+        .map(|e| format!("{e:?}"))
+        .into_iter()
+        .collect();
     (
         msg[2..12].to_vec(),
         vec![
@@ -357,8 +384,15 @@ pub fn canonical(msg: &[u8]) -> (Vec<u8>, Vec<Vec<String>>) {
 
 /// Runs a command and returns stdout; panics with stderr on failure.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 

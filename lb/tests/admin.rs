@@ -1,0 +1,444 @@
+//! The admin API, health checks, persistence, auth and metrics, against the real
+//! binary and real named processes.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dnslb::metrics as m;
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(3);
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn generation(lb: &Dnslb) -> u64 {
+    json(&lb.http("GET", "/v1/backends", None).1)["generation"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn every_route_answers_with_the_documented_status_and_json_errors() {
+    let ns1 = Named::start();
+    let ns2 = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns1.addr)], ""));
+    let g0 = generation(&lb);
+
+    let (st, body) = lb.http(
+        "POST",
+        "/v1/backends",
+        Some(&format!(
+            r#"{{"name":"ns2","address":"{}","weight":2}}"#,
+            ns2.addr
+        )),
+    );
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(json(&body)["generation"], g0 + 1);
+    let (st, body) = lb.http(
+        "POST",
+        "/v1/backends",
+        Some(&format!(r#"{{"name":"ns2","address":"{}"}}"#, ns2.addr)),
+    );
+    assert_eq!(st, 409);
+    assert!(json(&body)["error"].as_str().unwrap().contains("ns2"));
+
+    let (st, body) = lb.http("GET", "/v1/backends/ns2", None);
+    assert_eq!(st, 200);
+    let b = json(&body);
+    assert_eq!(b["weight"], 2);
+    assert_eq!(b["state"], "active");
+    for k in [
+        "health",
+        "outstanding",
+        "queries_total",
+        "timeouts_total",
+        "address",
+    ] {
+        assert!(b.get(k).is_some(), "{k} in {body}");
+    }
+    assert_eq!(lb.http("GET", "/v1/backends/nope", None).0, 404);
+    assert!(json(&lb.http("GET", "/v1/backends/nope", None).1)["error"].is_string());
+
+    assert_eq!(lb.http("POST", "/v1/backends/ns2/drain", None).0, 200);
+    assert_eq!(
+        json(&lb.http("GET", "/v1/backends/ns2", None).1)["state"],
+        "draining"
+    );
+    assert_eq!(lb.http("POST", "/v1/backends/ns2/undrain", None).0, 200);
+    assert_eq!(
+        json(&lb.http("GET", "/v1/backends/ns2", None).1)["state"],
+        "active"
+    );
+    assert_eq!(lb.http("POST", "/v1/backends/nope/drain", None).0, 404);
+    assert_eq!(lb.http("DELETE", "/v1/backends/ns2", None).0, 200);
+    assert_eq!(lb.http("DELETE", "/v1/backends/ns2", None).0, 404);
+    assert_eq!(generation(&lb), g0 + 4);
+
+    // PUT: every kind of bad body is a 400 with a reason, and changes nothing.
+    let g = generation(&lb);
+    for (body, needle) in [
+        (r#"{"backends":[]}"#.to_string(), "empty"),
+        (
+            format!(
+                r#"{{"backends":[{{"name":"a","address":"{0}"}},{{"name":"a","address":"{0}"}}]}}"#,
+                ns1.addr
+            ),
+            "twice",
+        ),
+        (
+            r#"{"backends":[{"name":"a","address":"not-an-address"}]}"#.to_string(),
+            "invalid",
+        ),
+        (
+            format!(
+                r#"{{"backends":[{{"name":"a","address":"{}","weight":0}}]}}"#,
+                ns1.addr
+            ),
+            "weight",
+        ),
+        (
+            format!(
+                r#"{{"backends":[{{"name":"a","address":"{}"}}],"expected_generaton":1}}"#,
+                ns1.addr
+            ),
+            "unknown field",
+        ),
+        ("{".to_string(), "invalid"),
+    ] {
+        let (st, resp) = lb.http("PUT", "/v1/backends", Some(&body));
+        assert_eq!(st, 400, "{body} -> {resp}");
+        assert!(
+            json(&resp)["error"].as_str().unwrap().contains(needle),
+            "{needle}: {resp}"
+        );
+    }
+    assert_eq!(generation(&lb), g);
+
+    // Compare-and-swap.
+    let put = |expected: u64| {
+        format!(
+            r#"{{"backends":[{{"name":"n1","address":"{}"}},{{"name":"n2","address":"{}"}}],"expected_generation":{expected}}}"#,
+            ns1.addr, ns2.addr
+        )
+    };
+    assert_eq!(lb.http("PUT", "/v1/backends", Some(&put(g + 5))).0, 409);
+    let (st, body) = lb.http("PUT", "/v1/backends", Some(&put(g)));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["generation"], g + 1);
+
+    // require_healthy: a new backend that does not answer -> 422, nothing changes.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let body = format!(
+        r#"{{"backends":[{{"name":"n1","address":"{}"}},{{"name":"dead","address":"{dead}"}}],"require_healthy":true}}"#,
+        ns1.addr
+    );
+    let (st, resp) = lb.http("PUT", "/v1/backends", Some(&body));
+    assert_eq!(st, 422, "{resp}");
+    assert!(json(&resp)["error"].as_str().unwrap().contains("dead"));
+    assert_eq!(generation(&lb), g + 1);
+    let names: Vec<_> = json(&lb.http("GET", "/v1/backends", None).1)["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["n1", "n2"]);
+    let body = format!(
+        r#"{{"backends":[{{"name":"n3","address":"{}"}}],"require_healthy":true}}"#,
+        ns2.addr
+    );
+    assert_eq!(lb.http("PUT", "/v1/backends", Some(&body)).0, 200);
+
+    let st = json(&lb.http("GET", "/v1/status", None).1);
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+    assert!(st["uptime_s"].is_u64());
+    assert_eq!(st["generation"], g + 2);
+    assert_eq!(lb.http("GET", "/v1/nothing", None).0, 404);
+}
+
+#[test]
+fn changes_persist_across_restarts_and_a_corrupt_state_file_stops_startup() {
+    let ns1 = Named::start();
+    let ns2 = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns1.addr)], ""));
+    lb.http(
+        "POST",
+        "/v1/backends",
+        Some(&format!(r#"{{"name":"ns2","address":"{}"}}"#, ns2.addr)),
+    );
+    lb.http("POST", "/v1/backends/ns1/drain", None);
+    let before = json(&lb.http("GET", "/v1/backends", None).1);
+    let dir = lb.stop();
+    // Restart with a config whose [[backend]] differs: the state file wins.
+    let state = dir.path().join("state.json");
+    let text = config(&[("other", ns1.addr)], "");
+    let lb = Dnslb::start_in(
+        dir,
+        &format!("{text}[state]\npath = \"{}\"\n", state.display()),
+    );
+    let after = json(&lb.http("GET", "/v1/backends", None).1);
+    assert_eq!(after["generation"], before["generation"]);
+    let strip = |v: &Value| -> Vec<(String, String, String)> {
+        v["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].to_string(),
+                    b["address"].to_string(),
+                    b["state"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip(&after), strip(&before));
+    // Corrupt file: start-up fails and names the file.
+    let dir = lb.stop();
+    std::fs::write(&state, "{\"generation\": 3, \"backends\": [").unwrap();
+    std::fs::write(
+        dir.path().join("dnslb.toml"),
+        format!("{text}[state]\npath = \"{}\"\n", state.display()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        .arg("--config")
+        .arg(dir.path().join("dnslb.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&state.display().to_string()) && err.contains("corrupt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn token_protects_every_route_but_healthz_and_metrics() {
+    let ns = Named::start();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let text = config(
+        &[("ns1", ns.addr)],
+        &format!("[admin]\ntoken_file = \"{}\"\n", token_file.display()),
+    );
+    let lb = Dnslb::start_in(dir, &text);
+    for (method, path) in [
+        ("GET", "/v1/backends"),
+        ("GET", "/v1/status"),
+        ("GET", "/v1/backends/ns1"),
+        ("POST", "/v1/backends/ns1/drain"),
+        ("PUT", "/v1/backends"),
+        ("DELETE", "/v1/backends/ns1"),
+    ] {
+        let (st, body) = http(lb.admin, method, path, Some("{}"), None);
+        assert_eq!(st, 401, "{method} {path}");
+        assert!(json(&body)["error"].is_string());
+        assert_eq!(
+            http(lb.admin, method, path, Some("{}"), Some("wrong-token!")).0,
+            401
+        );
+    }
+    assert_eq!(
+        http(lb.admin, "GET", "/v1/backends", None, Some("s3cret-token")).0,
+        200
+    );
+    assert_eq!(http(lb.admin, "GET", "/metrics", None, None).0, 200);
+    assert!(eventually(T, || http(
+        lb.admin, "GET", "/healthz", None, None
+    )
+    .0 == 200));
+}
+
+#[test]
+fn a_killed_named_is_marked_down_in_time_traffic_moves_and_it_comes_back() {
+    let ns1 = Named::start();
+    let mut ns2 = Named::start();
+    // interval 200 ms, timeout 200 ms, fall 3: down within 3*200+200 = 800 ms.
+    let lb = Dnslb::start(&config(&[("ns1", ns1.addr), ("ns2", ns2.addr)], ""));
+    assert!(eventually(T, || json(
+        &lb.http("GET", "/v1/backends/ns2", None).1
+    )["health"]
+        == "up"));
+    assert_eq!(lb.http("GET", "/healthz", None).0, 200);
+    ns2.kill();
+    let killed = Instant::now();
+    assert!(eventually(T, || json(
+        &lb.http("GET", "/v1/backends/ns2", None).1
+    )["health"]
+        == "down"));
+    let took = killed.elapsed();
+    assert!(
+        took <= Duration::from_millis(800 + 400),
+        "marked down after {took:?}"
+    );
+    assert!(
+        lb.logs()
+            .iter()
+            .filter(|l| l.contains("health changed") && l.contains("ns2"))
+            .count()
+            >= 1
+    );
+    // All traffic now goes to ns1, none fails.
+    for _ in 0..100 {
+        let q = query("www.example.test.", RecordType::A, true);
+        let m = udp_query(lb.dns, &q, T).expect("answered");
+        assert_eq!(m.response_code, ResponseCode::NoError);
+    }
+    let metrics = lb.http("GET", "/metrics", None).1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(m::BACKEND_UP) && l.contains("ns2") && l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Restarted, it comes back up.
+    ns2.restart();
+    assert!(eventually(Duration::from_secs(5), || json(
+        &lb.http("GET", "/v1/backends/ns2", None).1
+    )["health"]
+        == "up"));
+    // With every backend gone, /healthz is 503 and clients get SERVFAIL.
+    drop(ns1);
+    ns2.kill();
+    assert!(eventually(T, || lb.http("GET", "/healthz", None).0 == 503));
+    let m = Message::from_vec(
+        &udp_query_raw(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m.response_code, ResponseCode::ServFail);
+    let logged = lb
+        .logs()
+        .iter()
+        .filter(|l| l.contains("health changed") && l.contains("ns2") && l.contains("to=Down"))
+        .count();
+    assert_eq!(logged, 2, "each change logged once: {:?}", lb.logs());
+}
+
+#[test]
+fn metrics_expose_backends_drops_connections_and_generation() {
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    for _ in 0..20 {
+        udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
+        udp_query(
+            lb.dns,
+            &query("missing.example.test.", RecordType::A, true),
+            T,
+        )
+        .unwrap();
+    }
+    tcp_query_raw(lb.dns, &query("www.example.test.", RecordType::A, true)).unwrap();
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(&[1, 2], lb.dns)
+        .unwrap();
+    lb.http("POST", "/v1/backends/ns1/drain", None);
+    lb.http("POST", "/v1/backends/ns1/undrain", None);
+    std::thread::sleep(Duration::from_millis(100));
+    let text = lb.http("GET", "/metrics", None).1;
+    let value = |name: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(value(m::BACKEND_QUERIES, &["ns1"]) >= 41.0, "{text}");
+    assert!(value(m::BACKEND_RESPONSES, &["ns1", "NOERROR"]) >= 21.0);
+    assert!(value(m::BACKEND_RESPONSES, &["ns1", "NXDOMAIN"]) >= 20.0);
+    assert!(text.contains(m::BACKEND_TIMEOUTS));
+    assert_eq!(value(m::BACKEND_OUTSTANDING, &["ns1"]), 0.0);
+    assert_eq!(value(m::BACKEND_UP, &["ns1"]), 1.0);
+    assert!(
+        value(&format!("{}_count", m::BACKEND_LATENCY), &["ns1"]) >= 41.0,
+        "{text}"
+    );
+    assert!(text.contains(&format!("{}_bucket", m::BACKEND_LATENCY)));
+    assert!(value(m::DROPPED, &["reason=\"short\""]) >= 1.0);
+    assert!(value(m::TCP_CONNECTIONS, &[]) >= 1.0);
+    assert_eq!(value(m::GENERATION, &[]), 3.0);
+    assert!(value(m::HEALTH_CHECKS, &["pass"]) >= 1.0);
+    assert!(value(m::QUERIES, &["udp"]) >= 40.0);
+}
+
+/// dnsperf's summary numbers.
+fn dnsperf_summary(out: &str) -> (u64, u64, u64, String) {
+    let num = |key: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in dnsperf output:\n{out}"))
+    };
+    let codes = out
+        .lines()
+        .find(|l| l.contains("Response codes:"))
+        .unwrap_or("")
+        .to_string();
+    (
+        num("Queries sent:"),
+        num("Queries completed:"),
+        num("Queries lost:"),
+        codes,
+    )
+}
+
+#[test]
+fn forty_swaps_under_steady_dnsperf_load_lose_nothing() {
+    let a = [Named::start(), Named::start()];
+    let b = [Named::start(), Named::start()];
+    let lb = Dnslb::start(&config(&[("a0", a[0].addr), ("a1", a[1].addr)], ""));
+    let dir = tempfile::tempdir().unwrap();
+    let qfile = dir.path().join("queries.txt");
+    let mut lines = String::new();
+    for (n, t) in [
+        ("www.example.test", "A"),
+        ("www.example.test", "AAAA"),
+        ("example.test", "MX"),
+        ("ftp.example.test", "CNAME"),
+        ("x.wild.example.test", "TXT"),
+        ("example.test", "SOA"),
+    ] {
+        lines.push_str(&format!("{n} {t}\n"));
+    }
+    std::fs::write(&qfile, lines).unwrap();
+    let port = lb.dns.port().to_string();
+    let perf = Command::new("dnsperf")
+        .args(["-s", "127.0.0.1", "-p", &port, "-d"])
+        .arg(&qfile)
+        .args(["-l", "12", "-Q", "3000", "-c", "4", "-t", "3"])
+        .output();
+    let perf = std::thread::spawn(move || perf);
+    // Start swapping once the load runs; 40 swaps, alternating sets, with CAS.
+    std::thread::sleep(Duration::from_millis(500));
+    let sets = [&a, &b];
+    for i in 0..40 {
+        let set = sets[(i + 1) % 2];
+        let g = generation(&lb);
+        let body = format!(
+            r#"{{"backends":[{{"name":"s{i}x","address":"{}"}},{{"name":"s{i}y","address":"{}"}}],"expected_generation":{g}}}"#,
+            set[0].addr, set[1].addr
+        );
+        let (st, resp) = lb.http("PUT", "/v1/backends", Some(&body));
+        assert_eq!(st, 200, "{resp}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = perf.join().unwrap().expect("dnsperf is installed");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{text}");
+    let (sent, completed, lost, codes) = dnsperf_summary(&text);
+    assert!(sent >= 30_000, "steady load: {text}");
+    assert_eq!(lost, 0, "{text}");
+    assert_eq!(completed, sent);
+    assert!(!codes.contains("SERVFAIL"), "{codes}");
+    assert!(codes.contains("NOERROR"), "{codes}");
+}
