@@ -1,8 +1,27 @@
-//! `deployer`: blue-green rollouts of BIND nameservers behind dnslb.
+//! `deployer`: blue-green rollouts of BIND nameservers behind dnslb load balancers.
 //!
-//! Not built yet: the rollout engine lands with issue 4. This crate exists so the
-//! workspace layout of SPEC §2 is complete and the binary name is reserved.
+//! # Layout
+//! - [`config`] — `deployer.toml`, defaults, validation of every problem at once.
+//! - [`provider`] — where servers come from: [`provider::local`] (real `named`
+//!   processes on this machine) and [`provider::linode`] (Linode API v4).
+//! - [`ansible`] — the generated inventory and the `ansible-playbook` run.
+//! - [`verify`] — zone files canonicalized by `named-checkzone -D`, checked record by
+//!   record over UDP and TCP.
+//! - [`lbclient`] — the dnslb admin API client.
+//! - [`journal`] — the journal of the current rollout and the lock.
+//! - [`rollout`] — the engine: bootstrap, rollout, rollback, plan, status, destroy.
 #![warn(missing_docs)]
+
+pub mod ansible;
+pub mod config;
+pub mod journal;
+pub mod lbclient;
+pub mod provider;
+pub mod rollout;
+pub mod verify;
+
+pub use config::Config;
+pub use rollout::Deployer;
 
 /// The version string printed by `deployer --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,308 @@
+//! The journal and the lock, both in the state directory.
+//!
+//! The journal (`journal.json`, rewritten atomically and fsynced) records the current
+//! operation: its phase, every step before and after it runs, the instances found
+//! (old) and created (new) with their provider IDs, and each load balancer's set before
+//! the swap. A killed deployer leaves it behind; the next `rollout` finishes the
+//! operation, `rollback` undoes it.
+//!
+//! The lock (`lock`) is an advisory `flock` held for the whole command, so it dies with
+//! the process; the file also names its holder (pid, host, start time, command) so a
+//! refused second run can say who holds it, and a run that finds a holder recorded but
+//! no lock held knows the holder died and takes over with a warning.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lbclient::BackendSet;
+use crate::provider::Instance;
+
+/// Where an operation stands. Ordered: a phase implies every earlier one is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// 1: create `<name>-next`.
+    Create,
+    /// 2: ansible-playbook.
+    Provision,
+    /// 3: verify each new server directly.
+    Verify,
+    /// 4: swap the load balancers.
+    Swap,
+    /// 5: verify through the load balancers over the bake window.
+    Bake,
+    /// 6: delete the old servers.
+    DeleteOld,
+    /// 7: rename `<name>-next` to `<name>`.
+    Rename,
+    /// Finished.
+    Done,
+    /// Undone.
+    RolledBack,
+}
+
+impl Phase {
+    /// Step number and name, for progress lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Create => "1/7 create",
+            Phase::Provision => "2/7 provision",
+            Phase::Verify => "3/7 verify",
+            Phase::Swap => "4/7 swap",
+            Phase::Bake => "5/7 bake",
+            Phase::DeleteOld => "6/7 delete-old",
+            Phase::Rename => "7/7 rename",
+            Phase::Done => "done",
+            Phase::RolledBack => "rolled back",
+        }
+    }
+}
+
+/// One journal event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix seconds.
+    pub at: u64,
+    /// Which step.
+    pub step: String,
+    /// started / done / failed.
+    pub status: String,
+    /// Details (errors).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// The journal of one rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    /// Rollout ID.
+    pub id: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Current phase.
+    pub phase: Phase,
+    /// The live servers when the rollout began, by nameserver.
+    pub old: BTreeMap<String, Instance>,
+    /// The servers created, by nameserver.
+    pub new: BTreeMap<String, Instance>,
+    /// Each load balancer's set before the swap.
+    pub lb_before: BTreeMap<String, BackendSet>,
+    /// Every step, before and after.
+    pub events: Vec<Event>,
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Journal {
+    /// A fresh journal.
+    pub fn new() -> Self {
+        let t = now();
+        Journal {
+            id: format!("r{t}-{:04x}", fastrand::u16(..)),
+            started_at: t,
+            phase: Phase::Create,
+            old: BTreeMap::new(),
+            new: BTreeMap::new(),
+            lb_before: BTreeMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Is there something left to finish or undo?
+    pub fn unfinished(&self) -> bool {
+        !matches!(self.phase, Phase::Done | Phase::RolledBack)
+    }
+
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("journal.json")
+    }
+
+    /// Reads the journal, if any.
+    pub fn load(dir: &Path) -> std::io::Result<Option<Journal>> {
+        match std::fs::read_to_string(Self::path(dir)) {
+            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is corrupt: {e}", Self::path(dir).display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes it atomically and durably.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join("journal.json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("serializes"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, Self::path(dir))?;
+        File::open(dir)?.sync_all()
+    }
+
+    /// Records an event and saves.
+    pub fn record(&mut self, dir: &Path, step: &str, status: &str, detail: &str) -> std::io::Result<()> {
+        self.events.push(Event {
+            at: now(),
+            step: step.into(),
+            status: status.into(),
+            detail: detail.into(),
+        });
+        self.save(dir)
+    }
+
+    /// Moves a finished journal aside (kept as history).
+    pub fn archive(&self, dir: &Path) -> std::io::Result<()> {
+        let hist = dir.join("history");
+        std::fs::create_dir_all(&hist)?;
+        std::fs::rename(Self::path(dir), hist.join(format!("{}.json", self.id)))
+    }
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Who holds the lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// Process ID.
+    pub pid: u32,
+    /// Hostname.
+    pub host: String,
+    /// Unix seconds.
+    pub since: u64,
+    /// The command.
+    pub command: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} on host {} running `deployer {}` since {} (unix time {})",
+            self.pid,
+            self.host,
+            self.command,
+            humantime(self.since),
+            self.since
+        )
+    }
+}
+
+fn humantime(unix: u64) -> String {
+    let s = unix % 86400;
+    format!("{:02}:{:02}:{:02} UTC, {} days after 1970", s / 3600, (s / 60) % 60, s % 60, unix / 86400)
+}
+
+/// Lock failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Someone else runs.
+    #[error("another deployer holds the lock {path}: {holder}")]
+    Held {
+        /// The lock file.
+        path: PathBuf,
+        /// Who.
+        holder: String,
+    },
+    /// I/O.
+    #[error("lock {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// A held lock; released on drop (and by the kernel if the process dies).
+pub struct Lock {
+    file: File,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl Lock {
+    /// Takes the lock for `command`, or says who holds it.
+    pub fn acquire(dir: &Path, command: &str) -> Result<Lock, LockError> {
+        let path = dir.join("lock");
+        let io = |e| LockError::Io(path.clone(), e);
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut text = String::new();
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let _ = file.read_to_string(&mut text);
+                let holder = serde_json::from_str::<Holder>(&text)
+                    .map(|h| h.to_string())
+                    .unwrap_or_else(|_| "an unknown process".into());
+                return Err(LockError::Held { path, holder });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.read_to_string(&mut text).map_err(io)?;
+        if let Ok(stale) = serde_json::from_str::<Holder>(&text) {
+            eprintln!("deployer: warning: taking over a stale lock: its holder, {stale}, is no longer running");
+        }
+        let me = Holder {
+            pid: std::process::id(),
+            host: hostname(),
+            since: now(),
+            command: command.into(),
+        };
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        file.write_all(serde_json::to_string(&me).expect("serializes").as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(Lock { file })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        // An empty file means "released cleanly"; then the kernel lock goes.
+        let _ = self.file.set_len(0);
+        let _ = self.file.unlock();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_round_trips_and_phases_order() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::new();
+        j.record(d.path(), "create", "started", "").unwrap();
+        assert_eq!(Journal::load(d.path()).unwrap().unwrap(), j);
+        assert!(Phase::Swap < Phase::DeleteOld);
+        j.phase = Phase::Done;
+        assert!(!j.unfinished());
+    }
+
+    #[test]
+    fn lock_refuses_a_second_holder_and_takes_over_a_stale_one() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Lock::acquire(d.path(), "rollout").unwrap();
+        let e = Lock::acquire(d.path(), "rollout").err().unwrap().to_string();
+        assert!(e.contains(&format!("pid {}", std::process::id())) && e.contains("rollout"), "{e}");
+        drop(l);
+        // A holder recorded but no lock held: a dead process.
+        std::fs::write(d.path().join("lock"), r#"{"pid":999999,"host":"x","since":1,"command":"rollout"}"#).unwrap();
+        assert!(Lock::acquire(d.path(), "rollout").is_ok());
+    }
+}

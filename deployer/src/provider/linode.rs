@@ -1,0 +1,402 @@
+//! The Linode provider: the public Linode API v4 over reqwest.
+//!
+//! - create: `POST /linode/instances` with label, region, type, image, a random
+//!   root_pass (never logged or stored), authorized_keys, `private_ip: true` and tags
+//!   marking the instance as the deployer's and naming the rollout;
+//! - ready: poll `GET /linode/instances/{id}` until `running` within
+//!   `boot_timeout_s`, read `GET /linode/instances/{id}/ips`, then wait until SSH
+//!   answers with its banner;
+//! - rename: `PUT /linode/instances/{id}`; delete: `DELETE /linode/instances/{id}`;
+//! - find: `GET /linode/instances` with `X-Filter` (label, tags), following pages.
+//!
+//! 429 is retried after `Retry-After`, 5xx and transport errors with exponential
+//! backoff; other errors surface Linode's `reason` and `field`. The token comes from
+//! the environment variable named by `token_env` and never appears in logs or errors.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Map, Value};
+use tokio::io::AsyncReadExt;
+
+use super::{Instance, Provider, ProviderError, MANAGED_TAG};
+use crate::config::{LoadBalancer, Provider as ProviderConfig};
+
+/// A Linode API client plus the settings for new instances.
+pub struct Linode {
+    http: reqwest::Client,
+    api: String,
+    token: String,
+    cfg: ProviderConfig,
+    zones_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Linode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is deliberately left out.
+        f.debug_struct("Linode").field("api", &self.api).finish_non_exhaustive()
+    }
+}
+
+const MAX_ATTEMPTS: u32 = 8;
+
+impl Linode {
+    /// Reads the token from the environment variable `cfg.token_env`.
+    pub fn new(cfg: &ProviderConfig, zones_dir: &std::path::Path) -> Result<Self, ProviderError> {
+        let token = std::env::var(&cfg.token_env).map_err(|_| {
+            ProviderError::Api(format!(
+                "environment variable {} is not set (a Linode API token with Linodes read/write)",
+                cfg.token_env
+            ))
+        })?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .user_agent(concat!("dnslb-deployer/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ProviderError::Api(format!("http client: {e}")))?;
+        Ok(Linode {
+            http,
+            api: cfg.api_url.trim_end_matches('/').to_string(),
+            token,
+            cfg: cfg.clone(),
+            zones_dir: zones_dir.to_path_buf(),
+        })
+    }
+
+    /// One API call with retries. `filter` becomes the `X-Filter` header.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        filter: Option<&Value>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), ProviderError> {
+        let what = format!("{method} {path}");
+        let mut backoff = Duration::from_millis(250);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.api))
+                .bearer_auth(&self.token)
+                .query(query);
+            if let Some(f) = filter {
+                req = req.header("X-Filter", f.to_string());
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) if attempt < MAX_ATTEMPTS => {
+                    eprintln!("deployer: linode {what}: {} (retrying)", e.without_url());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+                Err(e) => return Err(ProviderError::Api(format!("linode {what}: {}", e.without_url()))),
+            };
+            let status = resp.status();
+            if status == StatusCode::TOO_MANY_REQUESTS && attempt < MAX_ATTEMPTS {
+                let wait = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or(backoff)
+                    .min(Duration::from_secs(120));
+                eprintln!("deployer: linode {what}: 429, retrying after {wait:?}");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            if status.is_server_error() && attempt < MAX_ATTEMPTS {
+                eprintln!("deployer: linode {what}: {status} (retrying)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            let text = resp.text().await.unwrap_or_default();
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if status.is_success() || status == StatusCode::NOT_FOUND {
+                return Ok((status, value));
+            }
+            return Err(ProviderError::Api(format!("linode {what}: {status}: {}", reasons(&value))));
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Every page of a filtered listing.
+    async fn list_filtered(&self, filter: &Value) -> Result<Vec<Value>, ProviderError> {
+        let mut out = Vec::new();
+        let mut page = 1u64;
+        loop {
+            let (_, v) = self
+                .call(
+                    Method::GET,
+                    "/linode/instances",
+                    &[("page", page.to_string()), ("page_size", "100".into())],
+                    Some(filter),
+                    None,
+                )
+                .await?;
+            out.extend(v["data"].as_array().cloned().unwrap_or_default());
+            let pages = v["pages"].as_u64().unwrap_or(1);
+            if page >= pages {
+                return Ok(out);
+            }
+            page += 1;
+        }
+    }
+
+    async fn ips(&self, id: &str) -> Result<(Option<IpAddr>, Option<IpAddr>), ProviderError> {
+        let (_, v) = self.call(Method::GET, &format!("/linode/instances/{id}/ips"), &[], None, None).await?;
+        let first = |kind: &str| {
+            v["ipv4"][kind]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|a| a["address"].as_str())
+                .and_then(|s| s.parse().ok())
+        };
+        Ok((first("public"), first("private")))
+    }
+
+    fn local_dir(&self, inst: &Instance) -> PathBuf {
+        self.cfg.state_dir.join("linode-local").join(&inst.id)
+    }
+}
+
+/// "field: reason; reason" from Linode's `{"errors":[{"reason","field"}]}`.
+fn reasons(v: &Value) -> String {
+    let list: Vec<String> = v["errors"]
+        .as_array()
+        .map(|errs| {
+            errs.iter()
+                .map(|e| match (e["field"].as_str(), e["reason"].as_str()) {
+                    (Some(f), Some(r)) => format!("{f}: {r}"),
+                    (None, Some(r)) => r.to_string(),
+                    _ => e.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if list.is_empty() {
+        "no error details".into()
+    } else {
+        list.join("; ")
+    }
+}
+
+fn to_instance(v: &Value, dns_port: u16) -> Option<Instance> {
+    let ips: Vec<IpAddr> = v["ipv4"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    let private = |ip: &IpAddr| matches!(ip, IpAddr::V4(v4) if v4.is_private());
+    Some(Instance {
+        id: v["id"].as_u64()?.to_string(),
+        label: v["label"].as_str()?.to_string(),
+        region: v["region"].as_str().unwrap_or_default().to_string(),
+        status: v["status"].as_str().unwrap_or("unknown").to_string(),
+        public_ipv4: ips.iter().find(|ip| !private(ip)).copied(),
+        private_ipv4: ips.iter().find(|ip| private(ip)).copied(),
+        dns_port,
+        tags: v["tags"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// A random root password: never logged, never stored; access is by SSH key.
+fn root_pass() -> String {
+    let alphabet: Vec<char> = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789-_!".chars().collect();
+    (0..40).map(|_| alphabet[fastrand::usize(..alphabet.len())]).collect()
+}
+
+/// Waits until `addr` accepts TCP and sends an SSH banner.
+async fn ssh_ready(addr: SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut buf = [0u8; 8];
+        s.read_exact(&mut buf[..4]).await.ok()?;
+        (&buf[..4] == b"SSH-").then_some(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt).await.ok().flatten().is_some()
+}
+
+impl Provider for Linode {
+    fn kind(&self) -> &'static str {
+        "linode"
+    }
+
+    async fn list(&self, labels: &[String]) -> Result<Vec<Instance>, ProviderError> {
+        let mut by_id = BTreeMap::new();
+        let mut raw = self.list_filtered(&json!({ "tags": MANAGED_TAG })).await?;
+        for l in labels {
+            raw.extend(self.list_filtered(&json!({ "label": l })).await?);
+        }
+        for v in raw {
+            if let Some(i) = to_instance(&v, self.cfg.dns_port) {
+                by_id.insert(i.id.clone(), i);
+            }
+        }
+        let mut v: Vec<Instance> = by_id.into_values().collect();
+        v.sort_by(|a, b| a.label.cmp(&b.label));
+        Ok(v)
+    }
+
+    async fn find(&self, label: &str) -> Result<Option<Instance>, ProviderError> {
+        let found = self.list_filtered(&json!({ "label": label })).await?;
+        // Labels are unique per account; the filter is exact, but check anyway.
+        Ok(found
+            .iter()
+            .filter_map(|v| to_instance(v, self.cfg.dns_port))
+            .find(|i| i.label == label))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
+        let (status, v) = self.call(Method::GET, &format!("/linode/instances/{id}"), &[], None, None).await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Ok(to_instance(&v, self.cfg.dns_port))
+    }
+
+    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError> {
+        // A retried or resumed rollout finds what it created before: never a duplicate.
+        if let Some(existing) = self.find(label).await? {
+            return Ok(existing);
+        }
+        let body = json!({
+            "label": label,
+            "region": region,
+            "type": self.cfg.instance_type,
+            "image": self.cfg.image,
+            "root_pass": root_pass(),
+            "authorized_keys": self.cfg.authorized_keys,
+            "private_ip": true,
+            "booted": true,
+            "tags": [MANAGED_TAG, format!("dnslb-rollout-{rollout}")],
+        });
+        let (_, v) = self.call(Method::POST, "/linode/instances", &[], None, Some(&body)).await?;
+        to_instance(&v, self.cfg.dns_port)
+            .ok_or_else(|| ProviderError::Api(format!("linode POST /linode/instances: unexpected answer {v}")))
+    }
+
+    async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.boot_timeout_s);
+        let poll = Duration::from_millis(self.cfg.poll_interval_ms);
+        let mut cur = loop {
+            let Some(cur) = self.get(&inst.id).await? else {
+                return Err(ProviderError::Api(format!("instance {} ({}) disappeared", inst.label, inst.id)));
+            };
+            if cur.status == "running" {
+                break cur;
+            }
+            if Instant::now() >= deadline {
+                return Err(ProviderError::Timeout(format!(
+                    "{} ({}) still {} after {}s",
+                    inst.label, inst.id, cur.status, self.cfg.boot_timeout_s
+                )));
+            }
+            tokio::time::sleep(poll).await;
+        };
+        let (public, private) = self.ips(&cur.id).await?;
+        cur.public_ipv4 = public.or(cur.public_ipv4);
+        cur.private_ipv4 = private.or(cur.private_ipv4);
+        let Some(ip) = cur.public_ipv4 else {
+            return Err(ProviderError::Api(format!("{} ({}) has no public IPv4", cur.label, cur.id)));
+        };
+        let ssh = SocketAddr::new(ip, self.cfg.ssh_port);
+        while !ssh_ready(ssh).await {
+            if Instant::now() >= deadline {
+                return Err(ProviderError::Timeout(format!(
+                    "{} ({}) runs but SSH on {ssh} did not answer within {}s",
+                    cur.label, cur.id, self.cfg.boot_timeout_s
+                )));
+            }
+            tokio::time::sleep(poll).await;
+        }
+        Ok(cur)
+    }
+
+    async fn rename(&self, inst: &Instance, label: &str) -> Result<Instance, ProviderError> {
+        let (status, v) = self
+            .call(Method::PUT, &format!("/linode/instances/{}", inst.id), &[], None, Some(&json!({ "label": label })))
+            .await?;
+        if status == StatusCode::NOT_FOUND {
+            return Err(ProviderError::Api(format!("cannot rename {}: instance {} is gone", inst.label, inst.id)));
+        }
+        let mut out = to_instance(&v, self.cfg.dns_port).unwrap_or_else(|| inst.clone());
+        out.label = label.into();
+        out.private_ipv4 = out.private_ipv4.or(inst.private_ipv4);
+        out.public_ipv4 = out.public_ipv4.or(inst.public_ipv4);
+        Ok(out)
+    }
+
+    async fn delete(&self, inst: &Instance) -> Result<(), ProviderError> {
+        self.call(Method::DELETE, &format!("/linode/instances/{}", inst.id), &[], None, None).await?;
+        if self.cfg.provision_local {
+            let dir = self.local_dir(inst);
+            if let Some(pid) = super::local::named_pid(&dir) {
+                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+                for _ in 0..100 {
+                    if super::local::named_pid(&dir).is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+
+    fn host_vars(&self, inst: &Instance) -> Map<String, Value> {
+        let ip = inst.public_ipv4.map(|i| i.to_string()).unwrap_or_default();
+        let vars = if self.cfg.provision_local {
+            json!({
+                "ansible_connection": "local",
+                "ansible_python_interpreter": "auto_silent",
+                "common_local": true,
+                "nameserver_local": true,
+                "nameserver_root": self.local_dir(inst),
+                "nameserver_port": self.cfg.dns_port,
+                "nameserver_listen_address": ip,
+                "nameserver_zones_dir": self.zones_dir,
+            })
+        } else {
+            let known_hosts = self.cfg.state_dir.join("known_hosts");
+            json!({
+                "ansible_host": ip,
+                "ansible_user": self.cfg.ssh_user,
+                "ansible_port": self.cfg.ssh_port,
+                "ansible_ssh_common_args": format!(
+                    "-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={}",
+                    known_hosts.display()
+                ),
+                "common_local": false,
+                "nameserver_local": false,
+                "nameserver_port": self.cfg.dns_port,
+                "nameserver_zones_dir": self.zones_dir,
+            })
+        };
+        match vars {
+            Value::Object(m) => m,
+            _ => unreachable!("literal object"),
+        }
+    }
+
+    fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr> {
+        let same_region = lb.region.as_deref() == Some(inst.region.as_str());
+        let ip = match inst.private_ipv4 {
+            Some(p) if same_region && !self.cfg.force_public_ip => Some(p),
+            _ => inst.public_ipv4,
+        }?;
+        Some(SocketAddr::new(ip, self.cfg.dns_port))
+    }
+}

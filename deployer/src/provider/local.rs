@@ -1,0 +1,217 @@
+//! The local provider: each "VM" is a real `named` process on 127.0.0.1 with its own
+//! directory `<state_dir>/local/<label>/` and its own port. Creating one makes the
+//! directory and reserves a port (recorded in `instance.json`); the Ansible
+//! `nameserver` role (connection local) writes `named.conf` and the zones there and
+//! starts `named` with only relative paths, so renaming the directory (the rename step)
+//! leaves the running process intact. Deleting stops the process and removes the
+//! directory.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use super::{Instance, Provider, ProviderError, MANAGED_TAG};
+use crate::config::LoadBalancer;
+
+/// Local instances under one directory.
+pub struct Local {
+    root: PathBuf,
+    zones_dir: PathBuf,
+}
+
+const META: &str = "instance.json";
+
+impl Local {
+    /// Instances live in `<state_dir>/local`.
+    pub fn new(state_dir: &Path, zones_dir: &Path) -> Self {
+        Local {
+            root: state_dir.join("local"),
+            zones_dir: zones_dir.to_path_buf(),
+        }
+    }
+
+    fn dir(&self, label: &str) -> PathBuf {
+        self.root.join(label)
+    }
+
+    fn read(&self, label: &str) -> Result<Option<Instance>, ProviderError> {
+        let path = self.dir(label).join(META);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let mut inst: Instance = serde_json::from_str(&text)
+                    .map_err(|e| ProviderError::Api(format!("{}: {e}", path.display())))?;
+                inst.status = if named_running(&self.dir(label)) { "running" } else { "stopped" }.into();
+                Ok(Some(inst))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write(&self, inst: &Instance) -> Result<(), ProviderError> {
+        let dir = self.dir(&inst.label);
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join("instance.json.tmp");
+        let mut stored = inst.clone();
+        stored.status = "created".into();
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&stored).expect("serializes"))?;
+        std::fs::rename(&tmp, dir.join(META))?;
+        Ok(())
+    }
+
+    fn all(&self) -> Result<Vec<Instance>, ProviderError> {
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        for e in entries.flatten() {
+            if let Some(label) = e.file_name().to_str() {
+                if let Some(inst) = self.read(label)? {
+                    out.push(inst);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.label.cmp(&b.label));
+        Ok(out)
+    }
+
+    fn free_port(&self) -> Result<u16, ProviderError> {
+        let taken: Vec<u16> = self.all()?.iter().map(|i| i.dns_port).collect();
+        for _ in 0..100 {
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            let port = udp.local_addr()?.port();
+            if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+        Err(ProviderError::Api("no free loopback port".into()))
+    }
+}
+
+/// The pid in `<dir>/named.pid`, if that process is alive (and not a zombie).
+pub fn named_pid(dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join("named.pid")).ok()?.trim().parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit(") ").next()?.chars().next()?;
+    (state != 'Z').then_some(pid)
+}
+
+fn named_running(dir: &Path) -> bool {
+    named_pid(dir).is_some()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+impl Provider for Local {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn list(&self, _labels: &[String]) -> Result<Vec<Instance>, ProviderError> {
+        self.all()
+    }
+
+    async fn find(&self, label: &str) -> Result<Option<Instance>, ProviderError> {
+        self.read(label)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
+        Ok(self.all()?.into_iter().find(|i| i.id == id))
+    }
+
+    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError> {
+        if let Some(existing) = self.read(label)? {
+            return Ok(existing);
+        }
+        let inst = Instance {
+            id: format!("local-{:08x}", fastrand::u32(..)),
+            label: label.into(),
+            region: region.into(),
+            status: "created".into(),
+            public_ipv4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            private_ipv4: None,
+            dns_port: self.free_port()?,
+            tags: vec![MANAGED_TAG.into(), format!("rollout:{rollout}")],
+        };
+        self.write(&inst)?;
+        Ok(inst)
+    }
+
+    async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
+        // A directory is ready at once; `named` is started by provisioning.
+        self.read(&inst.label)?
+            .ok_or_else(|| ProviderError::Api(format!("instance {} vanished", inst.label)))
+    }
+
+    async fn rename(&self, inst: &Instance, label: &str) -> Result<Instance, ProviderError> {
+        let (from, to) = (self.dir(&inst.label), self.dir(label));
+        if to.exists() {
+            return Err(ProviderError::Api(format!("cannot rename {} to {label}: it exists", inst.label)));
+        }
+        // named keeps running: its cwd follows the directory, and its config uses
+        // relative paths only.
+        std::fs::rename(&from, &to)?;
+        let mut renamed = inst.clone();
+        renamed.label = label.into();
+        self.write(&renamed)?;
+        Ok(self.read(label)?.unwrap_or(renamed))
+    }
+
+    async fn delete(&self, inst: &Instance) -> Result<(), ProviderError> {
+        // Find it by ID: the label may have changed since the caller looked.
+        let Some(cur) = self.get(&inst.id).await? else {
+            return Ok(());
+        };
+        let dir = self.dir(&cur.label);
+        if let Some(pid) = named_pid(&dir) {
+            signal(pid, "-TERM");
+            for _ in 0..100 {
+                if named_pid(&dir).is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Some(pid) = named_pid(&dir) {
+                signal(pid, "-KILL");
+            }
+        }
+        std::fs::remove_dir_all(&dir).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    fn host_vars(&self, inst: &Instance) -> Map<String, Value> {
+        let vars = json!({
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "auto_silent",
+            "common_local": true,
+            "nameserver_local": true,
+            "nameserver_root": self.dir(&inst.label),
+            "nameserver_port": inst.dns_port,
+            "nameserver_listen_address": "127.0.0.1",
+            "nameserver_zones_dir": self.zones_dir,
+        });
+        match vars {
+            Value::Object(m) => m,
+            _ => unreachable!("literal object"),
+        }
+    }
+
+    fn backend_addr(&self, inst: &Instance, _lb: &LoadBalancer) -> Option<SocketAddr> {
+        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, inst.dns_port)))
+    }
+}

@@ -1,0 +1,140 @@
+//! Where nameserver instances come from. [`Provider`] is the interface the rollout
+//! engine uses; [`local`] makes real `named` processes on this machine, [`linode`]
+//! speaks the Linode API v4. [`AnyProvider`] picks one from the config.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::LoadBalancer;
+
+pub mod linode;
+pub mod local;
+
+/// The tag every instance the deployer creates carries.
+pub const MANAGED_TAG: &str = "dnslb-deployer";
+
+/// A server, as the deployer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// The provider's ID.
+    pub id: String,
+    /// Its label (hostname-like name).
+    pub label: String,
+    /// Region.
+    pub region: String,
+    /// Provider status (running, booting, provisioning, offline, …).
+    pub status: String,
+    /// Public IPv4, if any.
+    pub public_ipv4: Option<IpAddr>,
+    /// Private IPv4, if any.
+    pub private_ipv4: Option<IpAddr>,
+    /// Port DNS is served on (53 on VMs).
+    pub dns_port: u16,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+impl Instance {
+    /// Was it created by the deployer (versus found by label)?
+    pub fn managed(&self) -> bool {
+        self.tags.iter().any(|t| t == MANAGED_TAG)
+    }
+
+    /// Where to query it directly.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.public_ipv4
+            .or(self.private_ipv4)
+            .map(|ip| SocketAddr::new(ip, self.dns_port))
+    }
+}
+
+/// Failures of a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The API (or the local machine) said no.
+    #[error("{0}")]
+    Api(String),
+    /// An instance did not become ready in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Local I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the rollout engine needs from a provider. Every call is idempotent where it
+/// can be: `create` of a label that exists returns the existing instance.
+#[allow(async_fn_in_trait)]
+pub trait Provider {
+    /// Short name for logs.
+    fn kind(&self) -> &'static str;
+    /// Every instance the deployer manages or whose label is one of `labels`.
+    async fn list(&self, labels: &[String]) -> Result<Vec<Instance>, ProviderError>;
+    /// The instance with this label, if any.
+    async fn find(&self, label: &str) -> Result<Option<Instance>, ProviderError>;
+    /// The instance with this ID, if it still exists.
+    async fn get(&self, id: &str) -> Result<Option<Instance>, ProviderError>;
+    /// Creates `label` (or returns the existing one) tagged with `rollout`.
+    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError>;
+    /// Waits until the instance runs and can be provisioned.
+    async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError>;
+    /// Renames an instance.
+    async fn rename(&self, inst: &Instance, label: &str) -> Result<Instance, ProviderError>;
+    /// Deletes an instance; deleting one that is gone is not an error.
+    async fn delete(&self, inst: &Instance) -> Result<(), ProviderError>;
+    /// Ansible host variables for provisioning this instance.
+    fn host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value>;
+    /// The address a load balancer should use for this instance.
+    fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr>;
+}
+
+/// The provider chosen by the config.
+pub enum AnyProvider {
+    /// Local processes.
+    Local(local::Local),
+    /// Linode.
+    Linode(linode::Linode),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $p:ident => $e:expr) => {
+        match $self {
+            AnyProvider::Local($p) => $e,
+            AnyProvider::Linode($p) => $e,
+        }
+    };
+}
+
+impl Provider for AnyProvider {
+    fn kind(&self) -> &'static str {
+        dispatch!(self, p => p.kind())
+    }
+    async fn list(&self, labels: &[String]) -> Result<Vec<Instance>, ProviderError> {
+        dispatch!(self, p => p.list(labels).await)
+    }
+    async fn find(&self, label: &str) -> Result<Option<Instance>, ProviderError> {
+        dispatch!(self, p => p.find(label).await)
+    }
+    async fn get(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
+        dispatch!(self, p => p.get(id).await)
+    }
+    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError> {
+        dispatch!(self, p => p.create(label, region, rollout).await)
+    }
+    async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
+        dispatch!(self, p => p.wait_ready(inst).await)
+    }
+    async fn rename(&self, inst: &Instance, label: &str) -> Result<Instance, ProviderError> {
+        dispatch!(self, p => p.rename(inst, label).await)
+    }
+    async fn delete(&self, inst: &Instance) -> Result<(), ProviderError> {
+        dispatch!(self, p => p.delete(inst).await)
+    }
+    fn host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value> {
+        dispatch!(self, p => p.host_vars(inst))
+    }
+    fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr> {
+        dispatch!(self, p => p.backend_addr(inst, lb))
+    }
+}
