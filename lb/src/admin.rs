@@ -63,7 +63,9 @@ impl From<SetError> for ApiError {
     fn from(e: SetError) -> Self {
         let status = match e {
             SetError::Invalid(_) => StatusCode::BAD_REQUEST,
-            SetError::Conflict { .. } | SetError::Exists(_) => StatusCode::CONFLICT,
+            SetError::Conflict { .. } | SetError::Exists(_) | SetError::Refused(_) => {
+                StatusCode::CONFLICT
+            }
             SetError::NotFound(_) => StatusCode::NOT_FOUND,
             SetError::Rejected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -135,6 +137,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .merge(protected)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
@@ -185,6 +188,21 @@ async fn auth(State(s): State<AdminState>, req: Request, next: Next) -> Response
         }
     }
     next.run(req).await
+}
+
+/// Gives the errors axum produces itself (405, 413, …) the same `{"error"}` body.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+        return ApiError(status, reason).into_response();
+    }
+    resp
 }
 
 async fn list(State(s): State<AdminState>) -> Json<serde_json::Value> {
@@ -316,6 +334,13 @@ async fn remove(
     let generation = s.shared.change(|cur| {
         if cur.get(&name).is_none() {
             return Err(SetError::NotFound(name.clone()));
+        }
+        if cur.entries.len() == 1 {
+            // Like PUT, never leave the set empty by accident: drain it, or PUT a
+            // replacement.
+            return Err(SetError::Refused(format!(
+                "{name:?} is the last backend; removing it would leave the set empty (drain it or PUT a new set)"
+            )));
         }
         Ok(backends::members(cur)
             .into_iter()

@@ -59,8 +59,10 @@ pub struct BackendRuntime {
     health: AtomicU8,
     /// Consecutive passing checks.
     passes: AtomicU32,
-    /// Consecutive failures: failed checks and query timeouts.
+    /// Consecutive failed checks.
     failures: AtomicU32,
+    /// Consecutive query timeouts (the passive signal); any answer resets it.
+    timeouts_in_a_row: AtomicU32,
     outstanding: AtomicU64,
     queries: AtomicU64,
     timeouts: AtomicU64,
@@ -89,6 +91,7 @@ impl BackendRuntime {
             health: AtomicU8::new(Health::Unknown as u8),
             passes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
+            timeouts_in_a_row: AtomicU32::new(0),
             outstanding: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
@@ -134,10 +137,11 @@ impl BackendRuntime {
         self.metrics.outstanding.set(n as f64);
         self.metrics.response(rcode);
         self.metrics.latency.record(latency.as_secs_f64());
-        // Passive signal: an answer ends a streak of timeouts. Read first so the common
-        // case does not write a shared cache line.
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
+        // Passive signal: an answer ends a streak of timeouts (and only that: failed
+        // health checks keep counting). Read first so the common case does not write
+        // a shared cache line.
+        if self.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.timeouts_in_a_row.store(0, Ordering::Relaxed);
         }
     }
 
@@ -148,7 +152,11 @@ impl BackendRuntime {
         self.metrics.outstanding.set(n as f64);
         self.timeouts.fetch_add(1, Ordering::Relaxed);
         self.metrics.timeouts.increment(1);
-        self.failure(fall, false, "query timeouts");
+        self.passes.store(0, Ordering::Relaxed);
+        let n = self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= fall && self.health() != Health::Down {
+            self.set_health(Health::Down, &format!("{n} query timeouts in a row"));
+        }
     }
 
     /// A query was abandoned without charging the backend (it was never sent).
@@ -161,6 +169,7 @@ impl BackendRuntime {
     /// `rise` passes in a row bring a down backend up.
     pub fn record_pass(&self, rise: u32) {
         self.failures.store(0, Ordering::Relaxed);
+        self.timeouts_in_a_row.store(0, Ordering::Relaxed);
         let passes = self.passes.fetch_add(1, Ordering::Relaxed) + 1;
         let target = match self.health() {
             Health::Unknown => true,
@@ -173,16 +182,12 @@ impl BackendRuntime {
     }
 
     /// A health check failed. The first completed check decides at once; after that
-    /// `fall` failures in a row (checks and query timeouts) take an up backend down.
+    /// `fall` failed checks in a row take an up backend down.
     pub fn record_failure(&self, fall: u32, why: &str) {
-        self.failure(fall, true, why);
-    }
-
-    fn failure(&self, fall: u32, is_check: bool, why: &str) {
         self.passes.store(0, Ordering::Relaxed);
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let down = match self.health() {
-            Health::Unknown => is_check || failures >= fall,
+            Health::Unknown => true,
             Health::Up => failures >= fall,
             Health::Down => false,
         };
@@ -365,9 +370,12 @@ pub enum SetError {
     /// No backend of that name.
     #[error("no backend named {0:?}")]
     NotFound(String),
-    /// The hook that runs before the swap (persistence, health gate) refused.
+    /// The hook that runs before the swap (persistence) failed.
     #[error("{0}")]
     Rejected(String),
+    /// The change is refused as unsafe (e.g. removing the last backend).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The live backend set: readers `load()`, writers go through [`BackendSet::update`],
@@ -613,5 +621,17 @@ mod tests {
         assert_eq!(rt.health(), Health::Down);
         rt.record_pass(2);
         assert_eq!(rt.health(), Health::Up);
+    }
+
+    #[test]
+    fn answers_do_not_hide_failing_health_checks() {
+        let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
+        rt.record_pass(2);
+        for _ in 0..3 {
+            rt.on_forward();
+            rt.on_response(5, std::time::Duration::ZERO); // REFUSED, say
+            rt.record_failure(3, "test");
+        }
+        assert_eq!(rt.health(), Health::Down);
     }
 }

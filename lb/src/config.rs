@@ -291,7 +291,8 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ("backend", &["name", "address", "weight"]),
 ];
 
-fn unknown_keys(table: &toml::Table) -> Vec<String> {
+/// Lists every unknown key and removes it, so the remaining checks can still run.
+fn strip_unknown_keys(table: &mut toml::Table) -> Vec<String> {
     let allowed = |section: &str| {
         SCHEMA
             .iter()
@@ -300,22 +301,27 @@ fn unknown_keys(table: &toml::Table) -> Vec<String> {
             .unwrap_or(&[])
     };
     let mut problems = Vec::new();
-    for (key, value) in table {
-        if !allowed("").contains(&key.as_str()) {
+    table.retain(|key, _| {
+        let ok = allowed("").contains(&key.as_ref());
+        if !ok {
             problems.push(format!("unknown key `{key}`"));
-            continue;
         }
-        let mut check = |t: &toml::Table, at: String| {
-            for k in t.keys() {
-                if !allowed(key).contains(&k.as_str()) {
+        ok
+    });
+    for (key, value) in table.iter_mut() {
+        let mut check = |t: &mut toml::Table, at: String| {
+            t.retain(|k, _| {
+                let ok = allowed(key).contains(&k.as_ref());
+                if !ok {
                     problems.push(format!("unknown key `{k}` in {at}"));
                 }
-            }
+                ok
+            });
         };
         match value {
             toml::Value::Table(t) => check(t, format!("[{key}]")),
             toml::Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
+                for (i, item) in items.iter_mut().enumerate() {
                     if let toml::Value::Table(t) = item {
                         check(t, format!("[[{key}]] #{}", i + 1));
                     }
@@ -330,13 +336,10 @@ fn unknown_keys(table: &toml::Table) -> Vec<String> {
 impl Config {
     /// Parses and validates a configuration text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(vec![e.message().to_string()]))?;
-        let mut problems = unknown_keys(&table);
-        if !problems.is_empty() {
-            return Err(ConfigError::Invalid(problems));
-        }
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Invalid(vec![e.to_string().trim().to_string()])
+        })?;
+        let mut problems = strip_unknown_keys(&mut table);
         let config: Config = match Config::deserialize(toml::Value::Table(table)) {
             Ok(c) => c,
             Err(e) => {
@@ -344,8 +347,14 @@ impl Config {
                 return Err(ConfigError::Invalid(problems));
             }
         };
-        config.validate()?;
-        Ok(config)
+        if let Err(ConfigError::Invalid(more)) = config.validate() {
+            problems.extend(more);
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     /// Reads, parses and validates a configuration file.
@@ -508,11 +517,13 @@ mod tests {
 
     #[test]
     fn every_unknown_key_is_listed() {
-        let text = format!("{GOOD}\nbogus = 1\n[balance]\npolcy = \"x\"\n");
+        let text = format!("{GOOD}\nbogus = 1\n[balance]\npolcy = \"x\"\nquery_timeout_ms = 0\n");
         let ConfigError::Invalid(p) = Config::parse(&text).unwrap_err() else {
             panic!()
         };
-        assert_eq!(p.len(), 2, "{p:?}");
+        // Both unknown keys, and the semantic problem behind them.
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p.iter().any(|m| m.contains("query_timeout_ms")));
         assert!(p.iter().any(|m| m.contains("polcy")));
         assert!(p.iter().any(|m| m.contains("bogus")));
     }

@@ -70,10 +70,15 @@ fn serve(path: PathBuf, config: dnslb::Config) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut failure = None;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = server.failed() => {
+                    failure = Some(anyhow::anyhow!("a data-plane worker failed; exiting so the service manager restarts dnslb"));
+                    break;
+                }
                 _ = hup.recv() => {
                     let _ = dnslb::systemd::notify("RELOADING=1");
                     match dnslb::Config::load(&path) {
@@ -89,6 +94,6 @@ fn serve(path: PathBuf, config: dnslb::Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new queries, finishing those in flight");
         let _ = dnslb::systemd::notify("STOPPING=1");
         server.shutdown().await.context("shutdown")?;
-        Ok(())
+        failure.map_or(Ok(()), Err)
     })
 }

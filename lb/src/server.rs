@@ -145,6 +145,7 @@ pub struct Server {
     shared: Arc<Shared>,
     stop_accepting: CancellationToken,
     hard_stop: CancellationToken,
+    fatal: CancellationToken,
     workers: Vec<(
         std::thread::JoinHandle<()>,
         oneshot::Receiver<io::Result<()>>,
@@ -154,6 +155,8 @@ pub struct Server {
     health: tokio::task::JoinHandle<()>,
     grace: Duration,
     admin_addr: SocketAddr,
+    /// The configuration the process started with: what restart-only keys compare to.
+    started_with: Config,
     config: Mutex<Config>,
 }
 
@@ -229,11 +232,12 @@ impl Server {
         });
         let stop_accepting = CancellationToken::new();
         let hard_stop = CancellationToken::new();
+        let fatal = CancellationToken::new();
         let mut workers = Vec::new();
         for (i, sockets) in listeners.workers.into_iter().enumerate() {
             let (tx, rx) = oneshot::channel();
             let shared = shared.clone();
-            let (stop, hard) = (stop_accepting.clone(), hard_stop.clone());
+            let (stop, hard, fatal) = (stop_accepting.clone(), hard_stop.clone(), fatal.clone());
             let buffer = config.server.udp_socket_buffer;
             let handle = std::thread::Builder::new()
                 .name(format!("dnslb-worker-{i}"))
@@ -243,7 +247,10 @@ impl Server {
                         .build()
                         .and_then(|rt| {
                             let local = tokio::task::LocalSet::new();
-                            local.block_on(&rt, run_worker(shared, sockets, buffer, stop, hard))
+                            local.block_on(
+                                &rt,
+                                run_worker(shared, sockets, buffer, stop, hard, fatal),
+                            )
                         });
                     let _ = tx.send(result);
                 })
@@ -268,12 +275,14 @@ impl Server {
             shared,
             stop_accepting,
             hard_stop,
+            fatal,
             workers,
             background,
             admin,
             health,
             grace: Duration::from_millis(config.server.shutdown_grace_ms),
             admin_addr,
+            started_with: config.clone(),
             config: Mutex::new(config),
         })
     }
@@ -281,6 +290,12 @@ impl Server {
     /// State shared with the data plane (for tests and embedding).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Resolves when a data-plane worker failed (its listeners are gone): the process
+    /// should shut down and exit non-zero so the service manager restarts it.
+    pub async fn failed(&self) {
+        self.fatal.cancelled().await
     }
 
     /// The admin API address actually bound.
@@ -292,19 +307,25 @@ impl Server {
     pub fn reload(&self, new: Config) -> Result<(), StartError> {
         let token = read_token(&new)?;
         let mut cur = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let old = &self.started_with;
         let fixed = [
-            ("listen", cur.listen != new.listen),
-            ("state", cur.state != new.state),
-            ("server", cur.server != new.server),
+            ("[listen]", old.listen != new.listen),
+            ("[state]", old.state != new.state),
+            ("[server]", old.server != new.server),
             (
                 "tcp.max_connections",
-                cur.tcp.max_connections != new.tcp.max_connections,
+                old.tcp.max_connections != new.tcp.max_connections,
             ),
         ];
         for (key, changed) in fixed {
             if changed {
-                tracing::warn!("reload: [{key}] changed; it takes effect only after a restart");
+                tracing::warn!("reload: {key} differs from the running process; it takes effect only after a restart");
             }
+        }
+        if cur.backend != new.backend {
+            tracing::warn!(
+                "reload: [[backend]] changed and is ignored: the live set comes from the state file; change it with the admin API"
+            );
         }
         self.shared
             .tunables
@@ -367,6 +388,7 @@ async fn run_worker(
     buffer: usize,
     stop_accepting: CancellationToken,
     hard_stop: CancellationToken,
+    fatal: CancellationToken,
 ) -> io::Result<()> {
     let udp_sockets = sockets
         .udp
@@ -387,13 +409,15 @@ async fn run_worker(
         shared,
     });
     let connections = TaskTracker::new();
+    // Cancelled by a shutdown, or by this worker alone when it fails.
+    let stop = stop_accepting.child_token();
     let mut listeners = JoinSet::new();
     for i in 0..w.udp.listeners.len() {
-        listeners.spawn_local(udp::serve_listener(w.clone(), i, stop_accepting.clone()));
+        listeners.spawn_local(udp::serve_listener(w.clone(), i, stop.clone()));
         listeners.spawn_local(tcp::serve_listener(
             w.clone(),
             i,
-            stop_accepting.clone(),
+            stop.clone(),
             connections.clone(),
         ));
     }
@@ -428,7 +452,8 @@ async fn run_worker(
                 Err(e) => io::Error::other(e),
             });
             tracing::error!("data-plane worker failing: {:?}", result);
-            stop_accepting.cancel();
+            fatal.cancel();
+            stop.cancel();
         }
         Some(r) = answers.join_next() => {
             result = Err(match r {
@@ -437,7 +462,8 @@ async fn run_worker(
                 Err(e) => io::Error::other(e),
             });
             tracing::error!("data-plane worker failing: {:?}", result);
-            stop_accepting.cancel();
+            fatal.cancel();
+            stop.cancel();
         }
     }
     while listeners.join_next().await.is_some() {}

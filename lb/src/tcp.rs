@@ -54,7 +54,12 @@ impl Tcp {
     }
 
     /// A connection to `addr` with room for one more query, opening one if allowed.
-    fn upstream(&self, addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
+    fn upstream(
+        &self,
+        addr: SocketAddr,
+        tun: &Tunables,
+        metrics: &crate::metrics::DataPlane,
+    ) -> Rc<Upstream> {
         let mut pools = self.pools.borrow_mut();
         let pool = pools.entry(addr).or_default();
         pool.retain(|u| !u.closed.get());
@@ -63,7 +68,7 @@ impl Tcp {
             Some(u) if u.pending.get() < tun.tcp.backend_pipeline => u,
             Some(u) if pool.len() >= tun.tcp.backend_max_connections => u,
             _ => {
-                let u = Upstream::spawn(addr, tun);
+                let u = Upstream::spawn(addr, tun, metrics.clone());
                 pool.push(u.clone());
                 u
             }
@@ -250,7 +255,7 @@ async fn forward(w: &Rc<Worker>, mut msg: Vec<u8>, q: packet::Query) -> Option<V
     backend.on_forward();
     let sent = Instant::now();
     for attempt in 0..2 {
-        let up = w.tcp.upstream(backend.address, &tun);
+        let up = w.tcp.upstream(backend.address, &tun, &w.shared.metrics);
         match up.query(msg.clone(), q.key, deadline).await {
             Ok(mut resp) => {
                 packet::set_id(&mut resp, q.id);
@@ -287,7 +292,7 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn spawn(addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
+    fn spawn(addr: SocketAddr, tun: &Tunables, metrics: crate::metrics::DataPlane) -> Rc<Upstream> {
         let (tx, rx) = mpsc::unbounded_channel();
         let up = Rc::new(Upstream {
             tx,
@@ -296,7 +301,14 @@ impl Upstream {
         });
         let connect_timeout = Duration::from_millis(tun.query_timeout_ms);
         let idle = Duration::from_millis(tun.tcp.backend_idle_timeout_ms);
-        tokio::task::spawn_local(run_upstream(up.clone(), addr, rx, connect_timeout, idle));
+        tokio::task::spawn_local(run_upstream(
+            up.clone(),
+            addr,
+            rx,
+            connect_timeout,
+            idle,
+            metrics,
+        ));
         up
     }
 
@@ -333,6 +345,7 @@ async fn run_upstream(
     mut rx: mpsc::UnboundedReceiver<Request>,
     connect_timeout: Duration,
     idle: Duration,
+    metrics: crate::metrics::DataPlane,
 ) {
     let inflight: RefCell<HashMap<u16, InFlight>> = RefCell::new(HashMap::new());
     if let Ok(Ok(stream)) = timeout(connect_timeout, TcpStream::connect(addr)).await {
@@ -393,12 +406,16 @@ async fn run_upstream(
                 last_busy.set(Instant::now());
                 let id = packet::id(&msg);
                 let mut map = inflight.borrow_mut();
-                let ok = map
-                    .get(&id)
-                    .is_some_and(|f| packet::response_matches(&msg, &f.key).is_ok());
-                if ok {
-                    let f = map.remove(&id).expect("checked");
-                    let _ = f.reply.send(msg);
+                let verdict = match map.get(&id) {
+                    None => Err(Drop::UnknownId),
+                    Some(f) => packet::response_matches(&msg, &f.key),
+                };
+                match verdict {
+                    Ok(()) => {
+                        let f = map.remove(&id).expect("checked");
+                        let _ = f.reply.send(msg);
+                    }
+                    Err(d) => metrics.drop_tcp(d),
                 }
             }
         };

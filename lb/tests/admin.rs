@@ -79,7 +79,18 @@ fn every_route_answers_with_the_documented_status_and_json_errors() {
     assert_eq!(lb.http("POST", "/v1/backends/nope/drain", None).0, 404);
     assert_eq!(lb.http("DELETE", "/v1/backends/ns2", None).0, 200);
     assert_eq!(lb.http("DELETE", "/v1/backends/ns2", None).0, 404);
+    // The last backend is not removed by accident (PUT refuses an empty set too).
+    let (st, body) = lb.http("DELETE", "/v1/backends/ns1", None);
+    assert_eq!(st, 409, "{body}");
+    assert!(json(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("last backend"));
     assert_eq!(generation(&lb), g0 + 4);
+    // Errors axum makes itself are JSON too.
+    let (st, body) = lb.http("PATCH", "/v1/backends", Some("{}"));
+    assert_eq!(st, 405);
+    assert!(json(&body)["error"].is_string(), "{body}");
 
     // PUT: every kind of bad body is a 400 with a reason, and changes nothing.
     let g = generation(&lb);
