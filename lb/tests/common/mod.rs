@@ -135,6 +135,29 @@ fn named_bin() -> &'static str {
     }
 }
 
+/// The dnslb binary: cargo's own when this file is compiled into dnslb's tests;
+/// otherwise (the deployer's tests share this harness) the workspace's debug build,
+/// built on first use.
+pub fn dnslb_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_dnslb") {
+        return PathBuf::from(p);
+    }
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let st = Command::new(cargo)
+                .args(["build", "-q", "-p", "dnslb", "--bin", "dnslb"])
+                .current_dir(&root)
+                .status()
+                .expect("cargo runs");
+            assert!(st.success(), "building dnslb failed");
+            root.join("target/debug/dnslb")
+        })
+        .clone()
+}
+
 /// The real dnslb binary with a generated config.
 pub struct Dnslb {
     pub dns: SocketAddr,
@@ -181,7 +204,7 @@ impl Dnslb {
             ));
         }
         std::fs::write(dir.path().join("dnslb.toml"), &text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        let mut child = Command::new(dnslb_bin())
             .arg("--config")
             .arg(dir.path().join("dnslb.toml"))
             .env("RUST_LOG", "info")
