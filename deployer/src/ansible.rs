@@ -34,7 +34,12 @@ pub struct Host {
 }
 
 /// Writes the inventory and runs the playbook on `hosts` (group `nameservers`).
-pub async fn provision(command: &str, playbook: &Path, run_dir: &Path, hosts: &[Host]) -> Result<(), AnsibleError> {
+pub async fn provision(
+    command: &str,
+    playbook: &Path,
+    run_dir: &Path,
+    hosts: &[Host],
+) -> Result<(), AnsibleError> {
     std::fs::create_dir_all(run_dir)?;
     let mut nameservers = Map::new();
     for h in hosts {
@@ -47,7 +52,10 @@ pub async fn provision(command: &str, playbook: &Path, run_dir: &Path, hosts: &[
         }}
     });
     let inv_path = run_dir.join("inventory.json");
-    std::fs::write(&inv_path, serde_json::to_vec_pretty(&inventory).expect("serializes"))?;
+    std::fs::write(
+        &inv_path,
+        serde_json::to_vec_pretty(&inventory).expect("serializes"),
+    )?;
     let log = run_dir.join("ansible.log");
     let limit: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
     let out = tokio::process::Command::new(command)

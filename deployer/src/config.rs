@@ -232,9 +232,17 @@ pub struct Config {
 /// Linode's label rule (3–64 characters, starts with a letter, letters, digits and
 /// `-_.`, no two of `-_.` in a row), which is strict enough for every provider.
 pub fn label_problem(label: &str) -> Option<String> {
-    let ok_chars = label.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    let starts = label.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
-    let ends = label.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = label
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let starts = label
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic());
+    let ends = label
+        .chars()
+        .last()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
     let doubled = ["--", "__", ".."].iter().any(|d| label.contains(d));
     if (3..=64).contains(&label.len()) && ok_chars && starts && ends && !doubled {
         None
@@ -252,7 +260,10 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Config::parse(&text, base).map_err(|problems| ConfigError::Invalid {
             path: path.into(),
             problems,
@@ -300,24 +311,40 @@ impl Config {
                 p.push(format!("load_balancer {:?} is listed twice", lb.name));
             }
             if !(lb.admin_url.starts_with("http://") || lb.admin_url.starts_with("https://")) {
-                p.push(format!("load_balancer {:?}: admin_url must be an http(s) URL", lb.name));
+                p.push(format!(
+                    "load_balancer {:?}: admin_url must be an http(s) URL",
+                    lb.name
+                ));
             }
             if lb.nameservers.is_empty() {
-                p.push(format!("load_balancer {:?}: nameservers must not be empty", lb.name));
+                p.push(format!(
+                    "load_balancer {:?}: nameservers must not be empty",
+                    lb.name
+                ));
             }
             for n in &lb.nameservers {
                 if !names.contains(n.as_str()) {
-                    p.push(format!("load_balancer {:?}: unknown nameserver {n:?}", lb.name));
+                    p.push(format!(
+                        "load_balancer {:?}: unknown nameserver {n:?}",
+                        lb.name
+                    ));
                 }
             }
             if let Some(t) = &lb.token_file {
                 if !t.is_file() {
-                    p.push(format!("load_balancer {:?}: token_file {} does not exist", lb.name, t.display()));
+                    p.push(format!(
+                        "load_balancer {:?}: token_file {} does not exist",
+                        lb.name,
+                        t.display()
+                    ));
                 }
             }
         }
         if !self.ansible.playbook.is_file() {
-            p.push(format!("ansible.playbook {} does not exist", self.ansible.playbook.display()));
+            p.push(format!(
+                "ansible.playbook {} does not exist",
+                self.ansible.playbook.display()
+            ));
         }
         match self.zone_files_in_dir() {
             Ok(z) if z.is_empty() => p.push(format!(
@@ -325,13 +352,19 @@ impl Config {
                 self.ansible.zones_dir.display()
             )),
             Ok(_) => {}
-            Err(e) => p.push(format!("ansible.zones_dir {}: {e}", self.ansible.zones_dir.display())),
+            Err(e) => p.push(format!(
+                "ansible.zones_dir {}: {e}",
+                self.ansible.zones_dir.display()
+            )),
         }
         for z in &self.checks.zone_files {
             if !z.is_file() {
                 p.push(format!("checks.zone_files: {} does not exist", z.display()));
             } else if zone_name(z).is_none() {
-                p.push(format!("checks.zone_files: {} must be named <zone>.zone", z.display()));
+                p.push(format!(
+                    "checks.zone_files: {} must be named <zone>.zone",
+                    z.display()
+                ));
             }
         }
         if self.provider.kind == ProviderKind::Linode {
@@ -343,13 +376,21 @@ impl Config {
                 p.push("provider.image is required for linode (e.g. \"linode/debian12\")".into());
             }
             if pr.authorized_keys.is_empty() {
-                p.push("provider.authorized_keys must hold at least one public key for linode".into());
+                p.push(
+                    "provider.authorized_keys must hold at least one public key for linode".into(),
+                );
             }
             if pr.boot_timeout_s == 0 {
                 p.push("provider.boot_timeout_s must be > 0".into());
             }
-            if !(pr.api_url.starts_with("https://") || pr.api_url.starts_with("http://127.") || pr.api_url.starts_with("http://localhost")) {
-                p.push("provider.api_url must be https (plain http only to loopback, for tests)".into());
+            if !(pr.api_url.starts_with("https://")
+                || pr.api_url.starts_with("http://127.")
+                || pr.api_url.starts_with("http://localhost"))
+            {
+                p.push(
+                    "provider.api_url must be https (plain http only to loopback, for tests)"
+                        .into(),
+                );
             }
         }
         if p.is_empty() {
@@ -421,7 +462,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.provider.state_dir, b.join(".deployer"));
-        assert_eq!(c.checked_zone_files().unwrap(), vec![b.join("ansible/zones/example.test.zone")]);
+        assert_eq!(
+            c.checked_zone_files().unwrap(),
+            vec![b.join("ansible/zones/example.test.zone")]
+        );
     }
 
     #[test]
@@ -446,7 +490,16 @@ mod tests {
             &b,
         )
         .unwrap_err();
-        for needle in ["listed twice", "not a valid instance label", "admin_url", "unknown nameserver", "does not exist", "provider.type", "provider.image", "authorized_keys"] {
+        for needle in [
+            "listed twice",
+            "not a valid instance label",
+            "admin_url",
+            "unknown nameserver",
+            "does not exist",
+            "provider.type",
+            "provider.image",
+            "authorized_keys",
+        ] {
             assert!(err.iter().any(|e| e.contains(needle)), "{needle}: {err:?}");
         }
         let err = Config::parse("[provider]\nkind = \"local\"\nbogus = 1\n", &b).unwrap_err();

@@ -98,7 +98,10 @@ pub struct Journal {
 
 /// Unix seconds now.
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Journal {
@@ -151,7 +154,13 @@ impl Journal {
     }
 
     /// Records an event and saves.
-    pub fn record(&mut self, dir: &Path, step: &str, status: &str, detail: &str) -> std::io::Result<()> {
+    pub fn record(
+        &mut self,
+        dir: &Path,
+        step: &str,
+        status: &str,
+        detail: &str,
+    ) -> std::io::Result<()> {
         self.events.push(Event {
             at: now(),
             step: step.into(),
@@ -204,7 +213,13 @@ impl std::fmt::Display for Holder {
 
 fn humantime(unix: u64) -> String {
     let s = unix % 86400;
-    format!("{:02}:{:02}:{:02} UTC, {} days after 1970", s / 3600, (s / 60) % 60, s % 60, unix / 86400)
+    format!(
+        "{:02}:{:02}:{:02} UTC, {} days after 1970",
+        s / 3600,
+        (s / 60) % 60,
+        s % 60,
+        unix / 86400
+    )
 }
 
 /// Lock failures.
@@ -240,7 +255,13 @@ impl Lock {
         let path = dir.join("lock");
         let io = |e| LockError::Io(path.clone(), e);
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
         let mut text = String::new();
         match file.try_lock() {
             Ok(()) => {}
@@ -265,7 +286,8 @@ impl Lock {
         };
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
-        file.write_all(serde_json::to_string(&me).expect("serializes").as_bytes()).map_err(io)?;
+        file.write_all(serde_json::to_string(&me).expect("serializes").as_bytes())
+            .map_err(io)?;
         file.sync_all().map_err(io)?;
         Ok(Lock { file })
     }
@@ -298,11 +320,21 @@ mod tests {
     fn lock_refuses_a_second_holder_and_takes_over_a_stale_one() {
         let d = tempfile::tempdir().unwrap();
         let l = Lock::acquire(d.path(), "rollout").unwrap();
-        let e = Lock::acquire(d.path(), "rollout").err().unwrap().to_string();
-        assert!(e.contains(&format!("pid {}", std::process::id())) && e.contains("rollout"), "{e}");
+        let e = Lock::acquire(d.path(), "rollout")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(&format!("pid {}", std::process::id())) && e.contains("rollout"),
+            "{e}"
+        );
         drop(l);
         // A holder recorded but no lock held: a dead process.
-        std::fs::write(d.path().join("lock"), r#"{"pid":999999,"host":"x","since":1,"command":"rollout"}"#).unwrap();
+        std::fs::write(
+            d.path().join("lock"),
+            r#"{"pid":999999,"host":"x","since":1,"command":"rollout"}"#,
+        )
+        .unwrap();
         assert!(Lock::acquire(d.path(), "rollout").is_ok());
     }
 }

@@ -107,14 +107,20 @@ impl LbClient {
             lb: self.lb.name.clone(),
             reason,
         };
-        let resp = req.send().await.map_err(|e| http(e.without_url().to_string()))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| http(e.without_url().to_string()))?;
         let status = resp.status();
         let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
         if !status.is_success() {
             return Err(LbError::Refused {
                 lb: self.lb.name.clone(),
                 status: status.as_u16(),
-                error: body["error"].as_str().unwrap_or("(no error text)").to_string(),
+                error: body["error"]
+                    .as_str()
+                    .unwrap_or("(no error text)")
+                    .to_string(),
             });
         }
         Ok(body)
@@ -130,12 +136,19 @@ impl LbClient {
     }
 
     /// Replaces the set; returns the new generation.
-    pub async fn put(&self, backends: &[Backend], expected_generation: Option<u64>, require_healthy: bool) -> Result<u64, LbError> {
+    pub async fn put(
+        &self,
+        backends: &[Backend],
+        expected_generation: Option<u64>,
+        require_healthy: bool,
+    ) -> Result<u64, LbError> {
         let mut body = json!({ "backends": backends, "require_healthy": require_healthy });
         if let Some(g) = expected_generation {
             body["expected_generation"] = json!(g);
         }
-        let v = self.send(self.http.put(self.url("/v1/backends")).json(&body)).await?;
+        let v = self
+            .send(self.http.put(self.url("/v1/backends")).json(&body))
+            .await?;
         v["generation"].as_u64().ok_or_else(|| LbError::Http {
             lb: self.lb.name.clone(),
             reason: format!("no generation in {v}"),

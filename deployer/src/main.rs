@@ -72,10 +72,12 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
         return Err("destroy deletes every managed instance; confirm with --yes".into());
     }
     let provider = match cfg.provider.kind {
-        ProviderKind::Local => AnyProvider::Local(Local::new(&cfg.provider.state_dir, &cfg.ansible.zones_dir)),
-        ProviderKind::Linode => {
-            AnyProvider::Linode(Linode::new(&cfg.provider, &cfg.ansible.zones_dir).map_err(|e| e.to_string())?)
+        ProviderKind::Local => {
+            AnyProvider::Local(Local::new(&cfg.provider.state_dir, &cfg.ansible.zones_dir))
         }
+        ProviderKind::Linode => AnyProvider::Linode(Box::new(
+            Linode::new(&cfg.provider, &cfg.ansible.zones_dir).map_err(|e| e.to_string())?,
+        )),
     };
     let d = Deployer::new(cfg, provider).map_err(|e| e.to_string())?;
     let e = |e: deployer::rollout::DeployError| e.to_string();
@@ -88,7 +90,12 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
         Command::Bootstrap => {
             let servers = d.bootstrap().await.map_err(e)?;
             for (ns, i) in servers {
-                println!("{ns}: {} ({}) {}", i.label, i.id, i.dns_addr().map(|a| a.to_string()).unwrap_or_default());
+                println!(
+                    "{ns}: {} ({}) {}",
+                    i.label,
+                    i.id,
+                    i.dns_addr().map(|a| a.to_string()).unwrap_or_default()
+                );
             }
         }
         Command::Rollout => {
@@ -98,7 +105,11 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
                 r.id,
                 r.seconds,
                 r.verification_queries,
-                r.servers.iter().map(|(ns, i)| format!("{ns}={} ({})", i.label, i.id)).collect::<Vec<_>>().join(", ")
+                r.servers
+                    .iter()
+                    .map(|(ns, i)| format!("{ns}={} ({})", i.label, i.id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         Command::Status { json } => {
@@ -112,7 +123,15 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
         Command::Rollback => println!("{}", d.rollback().await.map_err(e)?),
         Command::Destroy { .. } => {
             let gone = d.destroy().await.map_err(e)?;
-            println!("deleted {} instance(s){}", gone.len(), if gone.is_empty() { String::new() } else { format!(": {}", gone.join(", ")) });
+            println!(
+                "deleted {} instance(s){}",
+                gone.len(),
+                if gone.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", gone.join(", "))
+                }
+            );
         }
     }
     Ok(())

@@ -95,7 +95,10 @@ pub fn backend_name(ns: &str, inst: &Instance) -> String {
 
 fn same_members(a: &[Backend], b: &[Backend]) -> bool {
     let key = |v: &[Backend]| {
-        let mut k: Vec<_> = v.iter().map(|x| (x.name.clone(), x.address.clone(), x.weight)).collect();
+        let mut k: Vec<_> = v
+            .iter()
+            .map(|x| (x.name.clone(), x.address.clone(), x.weight))
+            .collect();
         k.sort();
         k
     };
@@ -104,15 +107,27 @@ fn same_members(a: &[Backend], b: &[Backend]) -> bool {
 
 /// Prints one progress line for a step.
 fn progress(what: &str, t0: Instant, outcome: &str) {
-    eprintln!("deployer: step {what}: {outcome} ({:.2}s)", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "deployer: step {what}: {outcome} ({:.2}s)",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 impl<P: Provider> Deployer<P> {
     /// Validated config plus a provider.
     pub fn new(cfg: Config, provider: P) -> Result<Self> {
-        let lbs = cfg.load_balancers.iter().map(LbClient::new).collect::<Result<Vec<_>, _>>()?;
+        let lbs = cfg
+            .load_balancers
+            .iter()
+            .map(LbClient::new)
+            .collect::<Result<Vec<_>, _>>()?;
         let dir = cfg.provider.state_dir.clone();
-        Ok(Deployer { cfg, provider, lbs, dir })
+        Ok(Deployer {
+            cfg,
+            provider,
+            lbs,
+            dir,
+        })
     }
 
     fn zones(&self) -> Result<Vec<ZoneChecks>> {
@@ -124,11 +139,14 @@ impl<P: Provider> Deployer<P> {
             .nameservers
             .iter()
             .map(|ns| {
-                let inst = servers
-                    .get(ns)
-                    .ok_or_else(|| DeployError::Refused(format!("no server for nameserver {ns}")))?;
+                let inst = servers.get(ns).ok_or_else(|| {
+                    DeployError::Refused(format!("no server for nameserver {ns}"))
+                })?;
                 let addr = self.provider.backend_addr(inst, &lb.lb).ok_or_else(|| {
-                    DeployError::Refused(format!("{} ({}) has no address for {}", inst.label, inst.id, lb.lb.name))
+                    DeployError::Refused(format!(
+                        "{} ({}) has no address for {}",
+                        inst.label, inst.id, lb.lb.name
+                    ))
                 })?;
                 Ok(Backend {
                     name: backend_name(ns, inst),
@@ -161,7 +179,11 @@ impl<P: Provider> Deployer<P> {
 
     /// Verifies every server in `servers` directly, retrying briefly while `named`
     /// finishes loading.
-    async fn verify_direct(&self, servers: &BTreeMap<String, Instance>, zones: &[ZoneChecks]) -> Result<usize> {
+    async fn verify_direct(
+        &self,
+        servers: &BTreeMap<String, Instance>,
+        zones: &[ZoneChecks],
+    ) -> Result<usize> {
         let mut asked = 0;
         for inst in servers.values() {
             let addr = inst
@@ -174,7 +196,9 @@ impl<P: Provider> Deployer<P> {
                         asked += n;
                         break;
                     }
-                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(250)).await
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -190,9 +214,18 @@ impl<P: Provider> Deployer<P> {
                 vars: self.provider.host_vars(i),
             })
             .collect();
-        ansible::provision(&self.cfg.ansible.command, &self.cfg.ansible.playbook, &self.dir.join("runs").join(run), &hosts)
-            .await?;
-        Ok(format!("{} server(s) with {}", hosts.len(), self.cfg.ansible.playbook.display()))
+        ansible::provision(
+            &self.cfg.ansible.command,
+            &self.cfg.ansible.playbook,
+            &self.dir.join("runs").join(run),
+            &hosts,
+        )
+        .await?;
+        Ok(format!(
+            "{} server(s) with {}",
+            hosts.len(),
+            self.cfg.ansible.playbook.display()
+        ))
     }
 
     /// `deployer rollout`: runs (or resumes) the blue-green rollout; on a failure in
@@ -202,7 +235,11 @@ impl<P: Provider> Deployer<P> {
         let started = Instant::now();
         let mut j = match Journal::load(&self.dir)? {
             Some(j) if j.unfinished() => {
-                eprintln!("deployer: resuming rollout {} at step {}", j.id, j.phase.label());
+                eprintln!(
+                    "deployer: resuming rollout {} at step {}",
+                    j.id,
+                    j.phase.label()
+                );
                 j
             }
             Some(old) => {
@@ -245,7 +282,12 @@ impl<P: Provider> Deployer<P> {
         }
     }
 
-    async fn forward(&self, j: &mut Journal, zones: &[ZoneChecks], asked: &mut usize) -> Result<()> {
+    async fn forward(
+        &self,
+        j: &mut Journal,
+        zones: &[ZoneChecks],
+        asked: &mut usize,
+    ) -> Result<()> {
         if j.phase <= Phase::Create {
             let t0 = self.begin(j, Phase::Create)?;
             let r = self.step_create(j).await;
@@ -260,13 +302,13 @@ impl<P: Provider> Deployer<P> {
         }
         if j.phase <= Phase::Verify {
             let t0 = self.begin(j, Phase::Verify)?;
-            let r = self
-                .verify_direct(&j.new, zones)
-                .await
-                .map(|n| {
-                    *asked += n;
-                    format!("{} server(s), {n} queries over UDP and TCP, all exact", j.new.len())
-                });
+            let r = self.verify_direct(&j.new, zones).await.map(|n| {
+                *asked += n;
+                format!(
+                    "{} server(s), {n} queries over UDP and TCP, all exact",
+                    j.new.len()
+                )
+            });
             self.end(j, Phase::Verify, t0, &r)?;
             r?;
         }
@@ -280,7 +322,10 @@ impl<P: Provider> Deployer<P> {
             let t0 = self.begin(j, Phase::Bake)?;
             let r = self.step_bake(zones).await.map(|(rounds, n)| {
                 *asked += n;
-                format!("{rounds} round(s) through {} load balancer(s), {n} queries", self.lbs.len())
+                format!(
+                    "{rounds} round(s) through {} load balancer(s), {n} queries",
+                    self.lbs.len()
+                )
             });
             self.end(j, Phase::Bake, t0, &r)?;
             r?;
@@ -327,7 +372,10 @@ impl<P: Provider> Deployer<P> {
         }
         for ns in &self.cfg.nameservers {
             // Reuses an instance left by an interrupted run (found by label).
-            let inst = self.provider.create(&next_label(&ns.name), &ns.region, &j.id).await?;
+            let inst = self
+                .provider
+                .create(&next_label(&ns.name), &ns.region, &j.id)
+                .await?;
             j.new.insert(ns.name.clone(), inst);
             j.save(&self.dir)?;
         }
@@ -336,7 +384,11 @@ impl<P: Provider> Deployer<P> {
             j.new.insert(ns, ready);
             j.save(&self.dir)?;
         }
-        Ok(j.new.values().map(|i| format!("{} ({})", i.label, i.id)).collect::<Vec<_>>().join(", "))
+        Ok(j.new
+            .values()
+            .map(|i| format!("{} ({})", i.label, i.id))
+            .collect::<Vec<_>>()
+            .join(", "))
     }
 
     async fn step_swap(&self, j: &mut Journal) -> Result<String> {
@@ -381,7 +433,10 @@ impl<P: Provider> Deployer<P> {
         let mut done = Vec::new();
         for (ns, inst) in j.new.clone() {
             let cur = self.provider.get(&inst.id).await?.ok_or_else(|| {
-                DeployError::Refused(format!("new server {} ({}) has disappeared", inst.label, inst.id))
+                DeployError::Refused(format!(
+                    "new server {} ({}) has disappeared",
+                    inst.label, inst.id
+                ))
             })?;
             if cur.label != ns {
                 let renamed = self.provider.rename(&cur, &ns).await?;
@@ -390,7 +445,11 @@ impl<P: Provider> Deployer<P> {
                 j.save(&self.dir)?;
             }
         }
-        Ok(if done.is_empty() { "nothing to rename".into() } else { done.join(", ") })
+        Ok(if done.is_empty() {
+            "nothing to rename".into()
+        } else {
+            done.join(", ")
+        })
     }
 
     /// Undoes an unfinished rollout that has not started deleting old servers: puts
@@ -405,7 +464,9 @@ impl<P: Provider> Deployer<P> {
         let t0 = Instant::now();
         let mut summary = Vec::new();
         for lb in &self.lbs {
-            let Some(before) = j.lb_before.get(&lb.lb.name) else { continue };
+            let Some(before) = j.lb_before.get(&lb.lb.name) else {
+                continue;
+            };
             let cur = lb.get().await?;
             if same_members(&cur.backends, &before.backends) {
                 continue;
@@ -416,12 +477,15 @@ impl<P: Provider> Deployer<P> {
                     lb.lb.name
                 )));
             }
-            let g = lb.put(&before.backends, Some(cur.generation), false).await?;
+            let g = lb
+                .put(&before.backends, Some(cur.generation), false)
+                .await?;
             summary.push(format!("{} restored (generation {g})", lb.lb.name));
         }
         // Only now that no load balancer points at them: delete the new servers,
         // including any created but not yet journaled (found by label).
-        let mut doomed: BTreeMap<String, Instance> = j.new.values().map(|i| (i.id.clone(), i.clone())).collect();
+        let mut doomed: BTreeMap<String, Instance> =
+            j.new.values().map(|i| (i.id.clone(), i.clone())).collect();
         for ns in &self.cfg.nameservers {
             if let Some(i) = self.provider.find(&next_label(&ns.name)).await? {
                 if !j.old.values().any(|o| o.id == i.id) {
@@ -435,8 +499,23 @@ impl<P: Provider> Deployer<P> {
         }
         j.phase = Phase::RolledBack;
         j.record(&self.dir, "rollback", "done", &summary.join(", "))?;
-        progress("rollback", t0, &format!("ok, {}", if summary.is_empty() { "nothing to undo".into() } else { summary.join(", ") }));
-        Ok(if summary.is_empty() { "nothing had changed".into() } else { summary.join(", ") })
+        progress(
+            "rollback",
+            t0,
+            &format!(
+                "ok, {}",
+                if summary.is_empty() {
+                    "nothing to undo".into()
+                } else {
+                    summary.join(", ")
+                }
+            ),
+        );
+        Ok(if summary.is_empty() {
+            "nothing had changed".into()
+        } else {
+            summary.join(", ")
+        })
     }
 
     /// `deployer rollback`.
@@ -444,7 +523,11 @@ impl<P: Provider> Deployer<P> {
         let _lock = Lock::acquire(&self.dir, "rollback")?;
         match Journal::load(&self.dir)? {
             Some(mut j) if j.unfinished() => {
-                eprintln!("deployer: rolling back rollout {} (stopped at step {})", j.id, j.phase.label());
+                eprintln!(
+                    "deployer: rolling back rollout {} (stopped at step {})",
+                    j.id,
+                    j.phase.label()
+                );
                 self.undo(&mut j).await
             }
             _ => Ok("no unfinished rollout: nothing to roll back".into()),
@@ -484,7 +567,15 @@ impl<P: Provider> Deployer<P> {
             for (ns, inst) in servers.clone() {
                 servers.insert(ns, self.provider.wait_ready(&inst).await?);
             }
-            progress("create", t0, &format!("ok, {} new, {} existing", created.len(), servers.len() - created.len()));
+            progress(
+                "create",
+                t0,
+                &format!(
+                    "ok, {} new, {} existing",
+                    created.len(),
+                    servers.len() - created.len()
+                ),
+            );
             let t = Instant::now();
             let s = self.provision(&run, &servers).await?;
             progress("provision", t, &format!("ok, {s}"));
@@ -500,7 +591,10 @@ impl<P: Provider> Deployer<P> {
             }
             return Err(DeployError::RolledBack {
                 failure: Box::new(e),
-                summary: format!("deleted the {} server(s) this bootstrap created", created.len()),
+                summary: format!(
+                    "deleted the {} server(s) this bootstrap created",
+                    created.len()
+                ),
             });
         }
         let t = Instant::now();
@@ -513,13 +607,28 @@ impl<P: Provider> Deployer<P> {
                 done.push(format!("{} -> generation {g}", lb.lb.name));
             }
         }
-        progress("swap", t, &format!("ok, {}", if done.is_empty() { "already pointing there".into() } else { done.join(", ") }));
+        progress(
+            "swap",
+            t,
+            &format!(
+                "ok, {}",
+                if done.is_empty() {
+                    "already pointing there".into()
+                } else {
+                    done.join(", ")
+                }
+            ),
+        );
         let t = Instant::now();
         let mut n = 0;
         for lb in &self.lbs {
             n += verify::verify_server(lb.lb.dns, &zones).await?;
         }
-        progress("verify through load balancers", t, &format!("ok, {n} queries"));
+        progress(
+            "verify through load balancers",
+            t,
+            &format!("ok, {n} queries"),
+        );
         Ok(servers)
     }
 
@@ -537,7 +646,10 @@ impl<P: Provider> Deployer<P> {
         let mut load_balancers = BTreeMap::new();
         for lb in &self.lbs {
             let v = match lb.get().await {
-                Ok(s) => LbStatus { set: Some(s), error: None },
+                Ok(s) => LbStatus {
+                    set: Some(s),
+                    error: None,
+                },
                 Err(e) => LbStatus {
                     set: None,
                     error: Some(e.to_string()),
@@ -545,11 +657,17 @@ impl<P: Provider> Deployer<P> {
             };
             load_balancers.insert(lb.lb.name.clone(), v);
         }
-        let unfinished = Journal::load(&self.dir)?.filter(|j| j.unfinished()).map(|j| UnfinishedRollout {
-            id: j.id,
-            step: j.phase.label().into(),
-            new: j.new.values().map(|i| format!("{} ({})", i.label, i.id)).collect(),
-        });
+        let unfinished = Journal::load(&self.dir)?
+            .filter(|j| j.unfinished())
+            .map(|j| UnfinishedRollout {
+                id: j.id,
+                step: j.phase.label().into(),
+                new: j
+                    .new
+                    .values()
+                    .map(|i| format!("{} ({})", i.label, i.id))
+                    .collect(),
+            });
         Ok(Status {
             provider: self.provider.kind().into(),
             instances,
@@ -584,19 +702,34 @@ impl<P: Provider> Deployer<P> {
                     ));
                     live.insert(ns.name.clone(), i);
                 }
-                None => out.push(format!("{}: no live server: run `deployer bootstrap` first", ns.name)),
+                None => out.push(format!(
+                    "{}: no live server: run `deployer bootstrap` first",
+                    ns.name
+                )),
             }
         }
         out.push(format!(
             "1. create {} ({} provider)",
-            self.cfg.nameservers.iter().map(|n| format!("{} in {}", next_label(&n.name), n.region)).collect::<Vec<_>>().join(", "),
+            self.cfg
+                .nameservers
+                .iter()
+                .map(|n| format!("{} in {}", next_label(&n.name), n.region))
+                .collect::<Vec<_>>()
+                .join(", "),
             self.provider.kind()
         ));
-        out.push(format!("2. provision them with ansible-playbook {}", self.cfg.ansible.playbook.display()));
+        out.push(format!(
+            "2. provision them with ansible-playbook {}",
+            self.cfg.ansible.playbook.display()
+        ));
         out.push(format!(
             "3. verify {checks} RRsets of {} zone(s) (serial {}) on each, over UDP and TCP",
             zones.len(),
-            zones.iter().map(|z| format!("{} {}", z.origin, z.serial)).collect::<Vec<_>>().join(", ")
+            zones
+                .iter()
+                .map(|z| format!("{} {}", z.origin, z.serial))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         for lb in &self.lbs {
             match lb.get().await {
@@ -613,16 +746,28 @@ impl<P: Provider> Deployer<P> {
         }
         out.push(format!(
             "5. verify the same records through {} for {}s",
-            self.lbs.iter().map(|l| l.lb.dns.to_string()).collect::<Vec<_>>().join(", "),
+            self.lbs
+                .iter()
+                .map(|l| l.lb.dns.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             self.cfg.checks.bake_s
         ));
         out.push(format!(
             "6. delete {}",
-            live.values().map(|i| format!("{} ({})", i.label, i.id)).collect::<Vec<_>>().join(", ")
+            live.values()
+                .map(|i| format!("{} ({})", i.label, i.id))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         out.push(format!(
             "7. rename {}",
-            self.cfg.nameservers.iter().map(|n| format!("{} -> {}", next_label(&n.name), n.name)).collect::<Vec<_>>().join(", ")
+            self.cfg
+                .nameservers
+                .iter()
+                .map(|n| format!("{} -> {}", next_label(&n.name), n.name))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         Ok(out)
     }
@@ -694,10 +839,18 @@ impl std::fmt::Display for Status {
                 i.id,
                 i.region,
                 i.status,
-                i.public_ipv4.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-                i.private_ipv4.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                i.public_ipv4
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                i.private_ipv4
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 i.dns_port,
-                if i.managed() { "" } else { " (not created by the deployer)" }
+                if i.managed() {
+                    ""
+                } else {
+                    " (not created by the deployer)"
+                }
             )?;
         }
         writeln!(f, "load balancers:")?;
@@ -710,7 +863,11 @@ impl std::fmt::Display for Status {
                     if s.backends.is_empty() {
                         "(no backends)".into()
                     } else {
-                        s.backends.iter().map(|b| format!("{} {}", b.name, b.address)).collect::<Vec<_>>().join(", ")
+                        s.backends
+                            .iter()
+                            .map(|b| format!("{} {}", b.name, b.address))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     }
                 )?,
                 (None, e) => writeln!(f, "  {name}: unreachable: {}", e.as_deref().unwrap_or("?"))?,

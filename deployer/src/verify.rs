@@ -114,7 +114,8 @@ pub fn load_zone(path: &Path) -> Result<ZoneChecks, VerifyError> {
         .output()
         .map_err(|e| err(format!("running named-checkzone: {e}")))?;
     if !out.status.success() {
-        let detail = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let detail = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
         return Err(err(format!("named-checkzone failed: {}", detail.trim())));
     }
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -224,7 +225,12 @@ impl Transport {
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Asks `server` one question with RD=0.
-pub async fn ask(server: SocketAddr, name: &Name, rtype: RecordType, transport: Transport) -> std::io::Result<Message> {
+pub async fn ask(
+    server: SocketAddr,
+    name: &Name,
+    rtype: RecordType,
+    transport: Transport,
+) -> std::io::Result<Message> {
     let id = fastrand::u16(..);
     let mut m = Message::new(id, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = false;
@@ -244,7 +250,12 @@ pub async fn ask(server: SocketAddr, name: &Name, rtype: RecordType, transport: 
                         break;
                     }
                     Ok(Err(e)) => last = Some(e),
-                    Err(_) => last = Some(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 2s")),
+                    Err(_) => {
+                        last = Some(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer within 2s",
+                        ))
+                    }
                 }
             }
             match got {
@@ -254,7 +265,9 @@ pub async fn ask(server: SocketAddr, name: &Name, rtype: RecordType, transport: 
         }
         Transport::Tcp => tokio::time::timeout(QUERY_TIMEOUT * 2, tcp_once(server, &bytes))
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 4s"))??,
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 4s")
+            })??,
     };
     let msg = Message::from_vec(&raw).map_err(std::io::Error::other)?;
     if msg.id != id {
@@ -264,7 +277,13 @@ pub async fn ask(server: SocketAddr, name: &Name, rtype: RecordType, transport: 
 }
 
 async fn udp_once(server: SocketAddr, q: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("literal");
     let s = UdpSocket::bind(bind).await?;
     s.connect(server).await?;
     s.send(q).await?;
@@ -318,16 +337,24 @@ fn judge(expect: &Expect, m: &Message) -> Result<(), String> {
                 return Err("AA set on a referral".into());
             }
             if !m.answers.is_empty() {
-                return Err(format!("referral has an answer section: {:?}", sorted_section(&m.answers, |_| true)));
+                return Err(format!(
+                    "referral has an answer section: {:?}",
+                    sorted_section(&m.answers, |_| true)
+                ));
             }
             if m.truncation {
                 return Ok(());
             }
-            let got_ns = sorted_section(&m.authorities, |r| r.record_type() == RecordType::NS && r.name.to_lowercase() == *name);
+            let got_ns = sorted_section(&m.authorities, |r| {
+                r.record_type() == RecordType::NS && r.name.to_lowercase() == *name
+            });
             if &got_ns != ns {
                 return Err(format!("referral NS expected {ns:?}, got {got_ns:?}"));
             }
-            let glue_names: Vec<String> = glue.iter().map(|g| g.split(' ').next().unwrap_or_default().to_string()).collect();
+            let glue_names: Vec<String> = glue
+                .iter()
+                .map(|g| g.split(' ').next().unwrap_or_default().to_string())
+                .collect();
             let got_glue = sorted_section(&m.additionals, |r| {
                 matches!(r.record_type(), RecordType::A | RecordType::AAAA)
                     && glue_names.contains(&r.name.to_ascii().to_ascii_lowercase())
@@ -390,7 +417,9 @@ mod tests {
             .expects
             .iter()
             .find_map(|e| match e {
-                Expect::Referral { name, ns, glue } => Some((name.clone(), ns.clone(), glue.clone())),
+                Expect::Referral { name, ns, glue } => {
+                    Some((name.clone(), ns.clone(), glue.clone()))
+                }
                 _ => None,
             })
             .expect("sub.example.test is delegated");
@@ -405,7 +434,10 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(answers.contains(&"*.wild.example.test. A".to_string()), "{answers:?}");
+        assert!(
+            answers.contains(&"*.wild.example.test. A".to_string()),
+            "{answers:?}"
+        );
         assert!(answers.contains(&"big.example.test. TXT".to_string()));
         // Glue is not checked as authoritative data.
         assert!(!answers.iter().any(|a| a.contains("ns1.sub")));

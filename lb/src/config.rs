@@ -302,7 +302,7 @@ fn strip_unknown_keys(table: &mut toml::Table) -> Vec<String> {
     };
     let mut problems = Vec::new();
     table.retain(|key, _| {
-        let ok = allowed("").contains(&key.as_ref());
+        let ok = allowed("").contains(&key);
         if !ok {
             problems.push(format!("unknown key `{key}`"));
         }
@@ -311,7 +311,7 @@ fn strip_unknown_keys(table: &mut toml::Table) -> Vec<String> {
     for (key, value) in table.iter_mut() {
         let mut check = |t: &mut toml::Table, at: String| {
             t.retain(|k, _| {
-                let ok = allowed(key).contains(&k.as_ref());
+                let ok = allowed(key).contains(&k);
                 if !ok {
                     problems.push(format!("unknown key `{k}` in {at}"));
                 }

@@ -37,7 +37,9 @@ pub struct Linode {
 impl std::fmt::Debug for Linode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The token is deliberately left out.
-        f.debug_struct("Linode").field("api", &self.api).finish_non_exhaustive()
+        f.debug_struct("Linode")
+            .field("api", &self.api)
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,7 +99,12 @@ impl Linode {
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     continue;
                 }
-                Err(e) => return Err(ProviderError::Api(format!("linode {what}: {}", e.without_url()))),
+                Err(e) => {
+                    return Err(ProviderError::Api(format!(
+                        "linode {what}: {}",
+                        e.without_url()
+                    )))
+                }
             };
             let status = resp.status();
             if status == StatusCode::TOO_MANY_REQUESTS && attempt < MAX_ATTEMPTS {
@@ -124,7 +131,10 @@ impl Linode {
             if status.is_success() || status == StatusCode::NOT_FOUND {
                 return Ok((status, value));
             }
-            return Err(ProviderError::Api(format!("linode {what}: {status}: {}", reasons(&value))));
+            return Err(ProviderError::Api(format!(
+                "linode {what}: {status}: {}",
+                reasons(&value)
+            )));
         }
         unreachable!("the last attempt returns")
     }
@@ -153,7 +163,15 @@ impl Linode {
     }
 
     async fn ips(&self, id: &str) -> Result<(Option<IpAddr>, Option<IpAddr>), ProviderError> {
-        let (_, v) = self.call(Method::GET, &format!("/linode/instances/{id}/ips"), &[], None, None).await?;
+        let (_, v) = self
+            .call(
+                Method::GET,
+                &format!("/linode/instances/{id}/ips"),
+                &[],
+                None,
+                None,
+            )
+            .await?;
         let first = |kind: &str| {
             v["ipv4"][kind]
                 .as_array()
@@ -206,15 +224,23 @@ fn to_instance(v: &Value, dns_port: u16) -> Option<Instance> {
         dns_port,
         tags: v["tags"]
             .as_array()
-            .map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default(),
     })
 }
 
 /// A random root password: never logged, never stored; access is by SSH key.
 fn root_pass() -> String {
-    let alphabet: Vec<char> = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789-_!".chars().collect();
-    (0..40).map(|_| alphabet[fastrand::usize(..alphabet.len())]).collect()
+    let alphabet: Vec<char> = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789-_!"
+        .chars()
+        .collect();
+    (0..40)
+        .map(|_| alphabet[fastrand::usize(..alphabet.len())])
+        .collect()
 }
 
 /// Waits until `addr` accepts TCP and sends an SSH banner.
@@ -225,7 +251,11 @@ async fn ssh_ready(addr: SocketAddr) -> bool {
         s.read_exact(&mut buf[..4]).await.ok()?;
         (&buf[..4] == b"SSH-").then_some(())
     };
-    tokio::time::timeout(Duration::from_secs(5), attempt).await.ok().flatten().is_some()
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
 }
 
 impl Provider for Linode {
@@ -259,14 +289,27 @@ impl Provider for Linode {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
-        let (status, v) = self.call(Method::GET, &format!("/linode/instances/{id}"), &[], None, None).await?;
+        let (status, v) = self
+            .call(
+                Method::GET,
+                &format!("/linode/instances/{id}"),
+                &[],
+                None,
+                None,
+            )
+            .await?;
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         Ok(to_instance(&v, self.cfg.dns_port))
     }
 
-    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError> {
+    async fn create(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+    ) -> Result<Instance, ProviderError> {
         // A retried or resumed rollout finds what it created before: never a duplicate.
         if let Some(existing) = self.find(label).await? {
             return Ok(existing);
@@ -282,9 +325,14 @@ impl Provider for Linode {
             "booted": true,
             "tags": [MANAGED_TAG, format!("dnslb-rollout-{rollout}")],
         });
-        let (_, v) = self.call(Method::POST, "/linode/instances", &[], None, Some(&body)).await?;
-        to_instance(&v, self.cfg.dns_port)
-            .ok_or_else(|| ProviderError::Api(format!("linode POST /linode/instances: unexpected answer {v}")))
+        let (_, v) = self
+            .call(Method::POST, "/linode/instances", &[], None, Some(&body))
+            .await?;
+        to_instance(&v, self.cfg.dns_port).ok_or_else(|| {
+            ProviderError::Api(format!(
+                "linode POST /linode/instances: unexpected answer {v}"
+            ))
+        })
     }
 
     async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
@@ -292,7 +340,10 @@ impl Provider for Linode {
         let poll = Duration::from_millis(self.cfg.poll_interval_ms);
         let mut cur = loop {
             let Some(cur) = self.get(&inst.id).await? else {
-                return Err(ProviderError::Api(format!("instance {} ({}) disappeared", inst.label, inst.id)));
+                return Err(ProviderError::Api(format!(
+                    "instance {} ({}) disappeared",
+                    inst.label, inst.id
+                )));
             };
             if cur.status == "running" {
                 break cur;
@@ -309,7 +360,10 @@ impl Provider for Linode {
         cur.public_ipv4 = public.or(cur.public_ipv4);
         cur.private_ipv4 = private.or(cur.private_ipv4);
         let Some(ip) = cur.public_ipv4 else {
-            return Err(ProviderError::Api(format!("{} ({}) has no public IPv4", cur.label, cur.id)));
+            return Err(ProviderError::Api(format!(
+                "{} ({}) has no public IPv4",
+                cur.label, cur.id
+            )));
         };
         let ssh = SocketAddr::new(ip, self.cfg.ssh_port);
         while !ssh_ready(ssh).await {
@@ -326,10 +380,19 @@ impl Provider for Linode {
 
     async fn rename(&self, inst: &Instance, label: &str) -> Result<Instance, ProviderError> {
         let (status, v) = self
-            .call(Method::PUT, &format!("/linode/instances/{}", inst.id), &[], None, Some(&json!({ "label": label })))
+            .call(
+                Method::PUT,
+                &format!("/linode/instances/{}", inst.id),
+                &[],
+                None,
+                Some(&json!({ "label": label })),
+            )
             .await?;
         if status == StatusCode::NOT_FOUND {
-            return Err(ProviderError::Api(format!("cannot rename {}: instance {} is gone", inst.label, inst.id)));
+            return Err(ProviderError::Api(format!(
+                "cannot rename {}: instance {} is gone",
+                inst.label, inst.id
+            )));
         }
         let mut out = to_instance(&v, self.cfg.dns_port).unwrap_or_else(|| inst.clone());
         out.label = label.into();
@@ -339,11 +402,20 @@ impl Provider for Linode {
     }
 
     async fn delete(&self, inst: &Instance) -> Result<(), ProviderError> {
-        self.call(Method::DELETE, &format!("/linode/instances/{}", inst.id), &[], None, None).await?;
+        self.call(
+            Method::DELETE,
+            &format!("/linode/instances/{}", inst.id),
+            &[],
+            None,
+            None,
+        )
+        .await?;
         if self.cfg.provision_local {
             let dir = self.local_dir(inst);
             if let Some(pid) = super::local::named_pid(&dir) {
-                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
                 for _ in 0..100 {
                     if super::local::named_pid(&dir).is_none() {
                         break;
@@ -358,6 +430,12 @@ impl Provider for Linode {
 
     fn host_vars(&self, inst: &Instance) -> Map<String, Value> {
         let ip = inst.public_ipv4.map(|i| i.to_string()).unwrap_or_default();
+        let listen: Vec<String> = inst
+            .public_ipv4
+            .iter()
+            .chain(inst.private_ipv4.iter())
+            .map(|a| a.to_string())
+            .collect();
         let vars = if self.cfg.provision_local {
             json!({
                 "ansible_connection": "local",
@@ -366,7 +444,7 @@ impl Provider for Linode {
                 "nameserver_local": true,
                 "nameserver_root": self.local_dir(inst),
                 "nameserver_port": self.cfg.dns_port,
-                "nameserver_listen_address": ip,
+                "nameserver_listen_address": listen,
                 "nameserver_zones_dir": self.zones_dir,
             })
         } else {

@@ -42,7 +42,12 @@ impl Local {
             Ok(text) => {
                 let mut inst: Instance = serde_json::from_str(&text)
                     .map_err(|e| ProviderError::Api(format!("{}: {e}", path.display())))?;
-                inst.status = if named_running(&self.dir(label)) { "running" } else { "stopped" }.into();
+                inst.status = if named_running(&self.dir(label)) {
+                    "running"
+                } else {
+                    "stopped"
+                }
+                .into();
                 Ok(Some(inst))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -56,7 +61,10 @@ impl Local {
         let tmp = dir.join("instance.json.tmp");
         let mut stored = inst.clone();
         stored.status = "created".into();
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&stored).expect("serializes"))?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&stored).expect("serializes"),
+        )?;
         std::fs::rename(&tmp, dir.join(META))?;
         Ok(())
     }
@@ -94,7 +102,11 @@ impl Local {
 
 /// The pid in `<dir>/named.pid`, if that process is alive (and not a zombie).
 pub fn named_pid(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join("named.pid")).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(dir.join("named.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let state = stat.rsplit(") ").next()?.chars().next()?;
     (state != 'Z').then_some(pid)
@@ -128,7 +140,12 @@ impl Provider for Local {
         Ok(self.all()?.into_iter().find(|i| i.id == id))
     }
 
-    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError> {
+    async fn create(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+    ) -> Result<Instance, ProviderError> {
         if let Some(existing) = self.read(label)? {
             return Ok(existing);
         }
@@ -155,7 +172,10 @@ impl Provider for Local {
     async fn rename(&self, inst: &Instance, label: &str) -> Result<Instance, ProviderError> {
         let (from, to) = (self.dir(&inst.label), self.dir(label));
         if to.exists() {
-            return Err(ProviderError::Api(format!("cannot rename {} to {label}: it exists", inst.label)));
+            return Err(ProviderError::Api(format!(
+                "cannot rename {} to {label}: it exists",
+                inst.label
+            )));
         }
         // named keeps running: its cwd follows the directory, and its config uses
         // relative paths only.

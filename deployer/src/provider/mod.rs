@@ -76,7 +76,12 @@ pub trait Provider {
     /// The instance with this ID, if it still exists.
     async fn get(&self, id: &str) -> Result<Option<Instance>, ProviderError>;
     /// Creates `label` (or returns the existing one) tagged with `rollout`.
-    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError>;
+    async fn create(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+    ) -> Result<Instance, ProviderError>;
     /// Waits until the instance runs and can be provisioned.
     async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError>;
     /// Renames an instance.
@@ -94,7 +99,7 @@ pub enum AnyProvider {
     /// Local processes.
     Local(local::Local),
     /// Linode.
-    Linode(linode::Linode),
+    Linode(Box<linode::Linode>),
 }
 
 macro_rules! dispatch {
@@ -119,7 +124,12 @@ impl Provider for AnyProvider {
     async fn get(&self, id: &str) -> Result<Option<Instance>, ProviderError> {
         dispatch!(self, p => p.get(id).await)
     }
-    async fn create(&self, label: &str, region: &str, rollout: &str) -> Result<Instance, ProviderError> {
+    async fn create(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+    ) -> Result<Instance, ProviderError> {
         dispatch!(self, p => p.create(label, region, rollout).await)
     }
     async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
