@@ -58,15 +58,25 @@ pub fn bind(config: &Config) -> io::Result<Listeners> {
         })
         .collect();
     for &addr in &config.listen.dns {
-        let mut addr = addr;
-        for w in out.iter_mut() {
-            let udp = bind_udp(addr, config.server.udp_socket_buffer)
-                .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {addr}: {e}")))?;
-            addr = udp.local_addr()?;
-            w.udp.push(udp);
-            let tcp = bind_tcp(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("binding TCP {addr}: {e}")))?;
-            w.tcp.push(tcp);
+        // With port 0 the kernel picks the UDP port; TCP may find it taken, so such an
+        // address is retried with another port a few times.
+        let attempts = if addr.port() == 0 { 20 } else { 1 };
+        let mut last = None;
+        for _ in 0..attempts {
+            match bind_address(addr, workers, config.server.udp_socket_buffer) {
+                Ok(per_worker) => {
+                    for (w, (udp, tcp)) in out.iter_mut().zip(per_worker) {
+                        w.udp.push(udp);
+                        w.tcp.push(tcp);
+                    }
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e);
         }
     }
     let admin = TcpListener::bind(config.listen.admin).map_err(|e| {
@@ -80,6 +90,25 @@ pub fn bind(config: &Config) -> io::Result<Listeners> {
         workers: out,
         admin,
     })
+}
+
+/// One UDP socket and one TCP listener per worker on `addr`, all on the same port.
+fn bind_address(
+    addr: SocketAddr,
+    workers: usize,
+    buffer: usize,
+) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let udp = bind_udp(addr, buffer)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {addr}: {e}")))?;
+        addr = udp.local_addr()?;
+        let tcp = bind_tcp(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding TCP {addr}: {e}")))?;
+        out.push((udp, tcp));
+    }
+    Ok(out)
 }
 
 /// Sets SO_RCVBUF and SO_SNDBUF; the kernel may cap them (net.core.rmem_max), which is
