@@ -80,7 +80,7 @@ pub struct Provider {
     /// Linode: the port nameservers answer DNS on.
     #[serde(default = "default_dns_port")]
     pub dns_port: u16,
-    /// Linode: seconds between two status polls of a booting instance.
+    /// Linode: milliseconds between two status polls of a booting instance.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
     /// Linode, tests only: provision each instance as a local `named` bound to the
@@ -382,6 +382,17 @@ impl Config {
             }
             if pr.boot_timeout_s == 0 {
                 p.push("provider.boot_timeout_s must be > 0".into());
+            }
+            if pr.poll_interval_ms < 50 {
+                p.push("provider.poll_interval_ms must be >= 50".into());
+            }
+            for ns in &self.nameservers {
+                if ns.region == "local" {
+                    p.push(format!(
+                        "nameserver {:?}: set region to a Linode region (e.g. \"us-east\")",
+                        ns.name
+                    ));
+                }
             }
             if !(pr.api_url.starts_with("https://")
                 || pr.api_url.starts_with("http://127.")

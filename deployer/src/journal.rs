@@ -201,24 +201,33 @@ impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "pid {} on host {} running `deployer {}` since {} (unix time {})",
+            "pid {} on host {} running `deployer {}` since {}",
             self.pid,
             self.host,
             self.command,
-            humantime(self.since),
-            self.since
+            rfc3339(self.since)
         )
     }
 }
 
-fn humantime(unix: u64) -> String {
-    let s = unix % 86400;
+/// RFC 3339 UTC time of a Unix timestamp (civil-from-days, proleptic Gregorian).
+pub fn rfc3339(unix: u64) -> String {
+    let days = (unix / 86400) as i64;
+    let secs = unix % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
     format!(
-        "{:02}:{:02}:{:02} UTC, {} days after 1970",
-        s / 3600,
-        (s / 60) % 60,
-        s % 60,
-        unix / 86400
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
     )
 }
 
@@ -304,6 +313,13 @@ impl Drop for Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_is_right() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_083_199), "2026-11-30T23:59:59Z");
+    }
 
     #[test]
     fn journal_round_trips_and_phases_order() {

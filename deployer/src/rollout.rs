@@ -171,7 +171,9 @@ impl<P: Provider> Deployer<P> {
             }
             Err(e) => {
                 j.record(&self.dir, phase.label(), "failed", &e.to_string())?;
-                progress(phase.label(), t0, &format!("FAILED: {e}"));
+                // One line per step: the full error (with any log tail) comes at the end.
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                progress(phase.label(), t0, &format!("FAILED: {first}"));
             }
         }
         Ok(())
@@ -400,6 +402,13 @@ impl<P: Provider> Deployer<P> {
             }
         }
         j.save(&self.dir)?;
+        // A set that was empty could not be restored (dnslb refuses an empty set), so
+        // such a load balancer is refused before any is changed.
+        if let Some((name, _)) = j.lb_before.iter().find(|(_, s)| s.backends.is_empty()) {
+            return Err(DeployError::Refused(format!(
+                "load balancer {name} has no backends, so a failed rollout could not restore it: run `deployer bootstrap` first"
+            )));
+        }
         let mut done = Vec::new();
         for lb in &self.lbs {
             let desired = self.desired(lb, &j.new)?;
@@ -552,18 +561,18 @@ impl<P: Provider> Deployer<P> {
         let mut servers = BTreeMap::new();
         let mut created = Vec::new();
         let t0 = Instant::now();
-        for ns in &self.cfg.nameservers {
-            let inst = match self.provider.find(&ns.name).await? {
-                Some(i) => i,
-                None => {
-                    let i = self.provider.create(&ns.name, &ns.region, &run).await?;
-                    created.push(i.clone());
-                    i
-                }
-            };
-            servers.insert(ns.name.clone(), inst);
-        }
         let result = async {
+            for ns in &self.cfg.nameservers {
+                let inst = match self.provider.find(&ns.name).await? {
+                    Some(i) => i,
+                    None => {
+                        let i = self.provider.create(&ns.name, &ns.region, &run).await?;
+                        created.push(i.clone());
+                        i
+                    }
+                };
+                servers.insert(ns.name.clone(), inst);
+            }
             for (ns, inst) in servers.clone() {
                 servers.insert(ns, self.provider.wait_ready(&inst).await?);
             }
@@ -586,15 +595,22 @@ impl<P: Provider> Deployer<P> {
         }
         .await;
         if let Err(e) = result {
+            // No load balancer points at them yet: delete what this run created, and
+            // report every deletion that failed rather than stop at the first.
+            let mut summary = Vec::new();
             for i in &created {
-                self.provider.delete(i).await?;
+                match self.provider.delete(i).await {
+                    Ok(()) => summary.push(format!("deleted {} ({})", i.label, i.id)),
+                    Err(d) => summary.push(format!("could NOT delete {} ({}): {d}", i.label, i.id)),
+                }
             }
             return Err(DeployError::RolledBack {
                 failure: Box::new(e),
-                summary: format!(
-                    "deleted the {} server(s) this bootstrap created",
-                    created.len()
-                ),
+                summary: if summary.is_empty() {
+                    "nothing was created".into()
+                } else {
+                    summary.join(", ")
+                },
             });
         }
         let t = Instant::now();
@@ -772,19 +788,26 @@ impl<P: Provider> Deployer<P> {
         Ok(out)
     }
 
-    /// `deployer destroy --yes`: deletes every instance the deployer manages or that
-    /// carries a configured label, and forgets the journal.
+    /// `deployer destroy --yes`: deletes every instance of this configuration (the
+    /// configured labels and their `-next`, and any instance the journal names) and
+    /// archives the journal. Other instances in the account, tagged or not, are left
+    /// alone.
     pub async fn destroy(&self) -> Result<Vec<String>> {
         let _lock = Lock::acquire(&self.dir, "destroy")?;
         let labels = self.all_labels();
+        let journal = Journal::load(&self.dir)?;
+        let journaled: Vec<String> = journal
+            .iter()
+            .flat_map(|j| j.old.values().chain(j.new.values()).map(|i| i.id.clone()))
+            .collect();
         let mut done = Vec::new();
         for inst in self.provider.list(&labels).await? {
-            if inst.managed() || labels.contains(&inst.label) {
+            if labels.contains(&inst.label) || journaled.contains(&inst.id) {
                 self.provider.delete(&inst).await?;
                 done.push(format!("{} ({})", inst.label, inst.id));
             }
         }
-        if let Some(j) = Journal::load(&self.dir)? {
+        if let Some(j) = journal {
             j.archive(&self.dir)?;
         }
         Ok(done)

@@ -200,7 +200,14 @@ async fn json_errors(req: Request, next: Next) -> Response {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if (status.is_client_error() || status.is_server_error()) && !is_json {
         let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
-        return ApiError(status, reason).into_response();
+        let mut json = ApiError(status, reason).into_response();
+        // Keep what the original said besides its body (e.g. `Allow` on a 405).
+        for (name, value) in resp.headers() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                json.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        return json;
     }
     resp
 }

@@ -18,6 +18,15 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
+fn raw_http(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn generation(lb: &Dnslb) -> u64 {
     json(&lb.http("GET", "/v1/backends", None).1)["generation"]
         .as_u64()
@@ -90,6 +99,11 @@ fn every_route_answers_with_the_documented_status_and_json_errors() {
     // Errors axum makes itself are JSON too.
     let (st, body) = lb.http("PATCH", "/v1/backends", Some("{}"));
     assert_eq!(st, 405);
+    let raw = raw_http(
+        lb.admin,
+        "PATCH /v1/backends HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(raw.to_ascii_lowercase().contains("allow: "), "{raw}");
     assert!(json(&body)["error"].is_string(), "{body}");
 
     // PUT: every kind of bad body is a 400 with a reason, and changes nothing.

@@ -233,14 +233,23 @@ fn to_instance(v: &Value, dns_port: u16) -> Option<Instance> {
     })
 }
 
-/// A random root password: never logged, never stored; access is by SSH key.
-fn root_pass() -> String {
-    let alphabet: Vec<char> = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789-_!"
-        .chars()
-        .collect();
-    (0..40)
-        .map(|_| alphabet[fastrand::usize(..alphabet.len())])
-        .collect()
+/// A random root password from the OS's cryptographic RNG: never logged, never
+/// stored; access is by SSH key.
+fn root_pass() -> Result<String, ProviderError> {
+    use std::io::Read;
+    let alphabet = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789-_!";
+    // Rejection sampling keeps every character equally likely.
+    let limit = 256 - 256 % alphabet.len();
+    let mut out = String::new();
+    let mut urandom = std::fs::File::open("/dev/urandom")?;
+    while out.len() < 32 {
+        let mut b = [0u8; 1];
+        urandom.read_exact(&mut b)?;
+        if usize::from(b[0]) < limit {
+            out.push(char::from(alphabet[usize::from(b[0]) % alphabet.len()]));
+        }
+    }
+    Ok(out)
 }
 
 /// Waits until `addr` accepts TCP and sends an SSH banner.
@@ -319,15 +328,26 @@ impl Provider for Linode {
             "region": region,
             "type": self.cfg.instance_type,
             "image": self.cfg.image,
-            "root_pass": root_pass(),
+            "root_pass": root_pass()?,
             "authorized_keys": self.cfg.authorized_keys,
             "private_ip": true,
             "booted": true,
             "tags": [MANAGED_TAG, format!("dnslb-rollout-{rollout}")],
         });
-        let (_, v) = self
+        let v = match self
             .call(Method::POST, "/linode/instances", &[], None, Some(&body))
-            .await?;
+            .await
+        {
+            Ok((_, v)) => v,
+            Err(e) => {
+                // A retried POST whose first attempt did create the instance answers
+                // "label must be unique": reuse what exists rather than fail.
+                if let Some(existing) = self.find(label).await? {
+                    return Ok(existing);
+                }
+                return Err(e);
+            }
+        };
         to_instance(&v, self.cfg.dns_port).ok_or_else(|| {
             ProviderError::Api(format!(
                 "linode POST /linode/instances: unexpected answer {v}"
@@ -410,6 +430,15 @@ impl Provider for Linode {
             None,
         )
         .await?;
+        // Its address may be handed to a future instance with another host key.
+        let known_hosts = self.cfg.state_dir.join("known_hosts");
+        if let (Some(ip), true) = (inst.public_ipv4, known_hosts.exists()) {
+            let _ = std::process::Command::new("ssh-keygen")
+                .arg("-f")
+                .arg(&known_hosts)
+                .args(["-R", &ip.to_string()])
+                .output();
+        }
         if self.cfg.provision_local {
             let dir = self.local_dir(inst);
             if let Some(pid) = super::local::named_pid(&dir) {

@@ -42,6 +42,9 @@ impl Local {
             Ok(text) => {
                 let mut inst: Instance = serde_json::from_str(&text)
                     .map_err(|e| ProviderError::Api(format!("{}: {e}", path.display())))?;
+                // The directory name is the label: a rename is one atomic directory
+                // rename, whatever instance.json still says.
+                inst.label = label.to_string();
                 inst.status = if named_running(&self.dir(label)) {
                     "running"
                 } else {
@@ -180,10 +183,11 @@ impl Provider for Local {
         // named keeps running: its cwd follows the directory, and its config uses
         // relative paths only.
         std::fs::rename(&from, &to)?;
-        let mut renamed = inst.clone();
-        renamed.label = label.into();
+        let renamed = self.read(label)?.ok_or_else(|| {
+            ProviderError::Api(format!("instance {label} vanished after the rename"))
+        })?;
         self.write(&renamed)?;
-        Ok(self.read(label)?.unwrap_or(renamed))
+        Ok(renamed)
     }
 
     async fn delete(&self, inst: &Instance) -> Result<(), ProviderError> {
