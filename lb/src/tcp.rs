@@ -404,6 +404,12 @@ async fn run_upstream(
                     return;
                 };
                 last_busy.set(Instant::now());
+                if rd.buffer().is_empty() {
+                    // Everything received is consumed: ACK at once. Without this,
+                    // delayed ACKs meet the backend's Nagle and pipelined answers
+                    // stall for milliseconds (BIND: 1k instead of 35k qps).
+                    let _ = socket2::SockRef::from(rd.get_ref().as_ref()).set_tcp_quickack(true);
+                }
                 let id = packet::id(&msg);
                 let mut map = inflight.borrow_mut();
                 let verdict = match map.get(&id) {
