@@ -8,6 +8,7 @@
 //! - [`backends`] — the backend set (one `ArcSwap<Snapshot>`, serialized writers),
 //!   per-backend runtime (health, in-flight counts) and the selection policies.
 //! - `udp` — the UDP path: per-worker sockets and the in-flight ID table.
+//! - [`batch`] — `recvmmsg`/`sendmmsg`, the crate's only `unsafe`.
 //! - `tcp` — the TCP path (RFC 7766): pipelined client connections, pooled backend
 //!   connections.
 //! - [`health`] — active health checks.
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod backends;
+pub mod batch;
 pub mod config;
 pub mod health;
 pub mod metrics;

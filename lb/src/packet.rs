@@ -32,6 +32,8 @@ pub enum Drop {
     SendFailed,
     /// The kernel reported an error receiving (e.g. ICMP unreachable).
     ReceiveFailed,
+    /// A datagram larger than the receive buffer (queries over 4096 bytes).
+    Oversized,
     /// A TCP length prefix too small for a header or above the configured maximum.
     BadLength,
     /// The client's TCP connection ended in the middle of a frame or stalled in it.
@@ -42,7 +44,7 @@ pub enum Drop {
 
 impl Drop {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Drop; 12] = [
+    pub const ALL: [Drop; 13] = [
         Drop::Short,
         Drop::ResponseToListener,
         Drop::QueryFromBackend,
@@ -52,6 +54,7 @@ impl Drop {
         Drop::IdsExhausted,
         Drop::SendFailed,
         Drop::ReceiveFailed,
+        Drop::Oversized,
         Drop::BadLength,
         Drop::PartialFrame,
         Drop::TooManyConnections,
@@ -69,6 +72,7 @@ impl Drop {
             Drop::IdsExhausted => "ids_exhausted",
             Drop::SendFailed => "send_failed",
             Drop::ReceiveFailed => "receive_failed",
+            Drop::Oversized => "oversized",
             Drop::BadLength => "bad_length",
             Drop::PartialFrame => "partial_frame",
             Drop::TooManyConnections => "too_many_connections",

@@ -265,6 +265,20 @@ impl Server {
         }
         let background = CancellationToken::new();
         let health = tokio::spawn(health::run(shared.clone(), background.clone()));
+        // Histograms keep raw samples until upkeep folds them into buckets: without
+        // this, memory would grow with every query between two scrapes.
+        {
+            let (prometheus, stop) = (prometheus.clone(), background.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => prometheus.run_upkeep(),
+                    }
+                }
+            });
+        }
         let admin = admin::serve(
             listeners.admin,
             admin::AdminState::new(shared.clone(), prometheus),
@@ -390,11 +404,7 @@ async fn run_worker(
     hard_stop: CancellationToken,
     fatal: CancellationToken,
 ) -> io::Result<()> {
-    let udp_sockets = sockets
-        .udp
-        .into_iter()
-        .map(tokio::net::UdpSocket::from_std)
-        .collect::<io::Result<Vec<_>>>()?;
+    let udp_sockets = sockets.udp;
     let tcp_listeners = sockets
         .tcp
         .into_iter()

@@ -16,26 +16,29 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::UdpSocket;
+use std::os::fd::AsRawFd;
+
+use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use crate::backends::BackendRuntime;
+use crate::batch::{RecvBatch, SendBatch};
 use crate::packet::{self, Drop, QuestionKey};
 use crate::server::Worker;
 
 /// Number of IDs towards backends per upstream socket.
 const IDS: usize = 1 << 16;
-/// Datagrams handled per readiness before yielding to the worker's other tasks.
-const BATCH: usize = 64;
 
 struct Slot {
-    seq: u32,
     live: bool,
+    /// The ID this query carries towards the backend.
+    wire_id: u16,
     client_id: u16,
     listener: u16,
     client: SocketAddr,
     key: QuestionKey,
     sent: Instant,
+    deadline: Instant,
     backend: Option<Arc<BackendRuntime>>,
 }
 
@@ -64,15 +67,16 @@ impl Done {
     }
 }
 
-/// In-flight queries of one upstream socket, indexed by the ID sent to the backend.
-/// Free IDs are handed out from a shuffled queue, so IDs are not predictable.
+/// In-flight queries of one worker. Wire IDs (towards backends) come from a shuffled
+/// queue of all 65536, so they are not predictable; each maps to a slot in a dense
+/// table that only grows to the peak number in flight, so memory follows the load
+/// (a few hundred KiB at rest) and the timeout sweep scans only that many slots.
 pub(crate) struct Inflight {
+    /// Wire ID -> slot index + 1 (0: not in flight).
+    by_id: Box<[u32]>,
     slots: Vec<Slot>,
-    free: VecDeque<u16>,
-    /// (deadline in ms since `epoch`, id, seq) in send order; stale entries (the slot
-    /// was answered or reused) are skipped by their seq.
-    expiry: VecDeque<(u64, u16, u32)>,
-    epoch: Instant,
+    free_slots: Vec<u32>,
+    free_ids: VecDeque<u16>,
     live: usize,
 }
 
@@ -80,23 +84,11 @@ impl Inflight {
     pub(crate) fn new() -> Self {
         let mut ids: Vec<u16> = (0..=u16::MAX).collect();
         fastrand::shuffle(&mut ids);
-        let slots = (0..IDS)
-            .map(|_| Slot {
-                seq: 0,
-                live: false,
-                client_id: 0,
-                listener: 0,
-                client: SocketAddr::from(([0, 0, 0, 0], 0)),
-                key: QuestionKey::default(),
-                sent: Instant::now(),
-                backend: None,
-            })
-            .collect();
         Inflight {
-            slots,
-            free: ids.into(),
-            expiry: VecDeque::with_capacity(4096),
-            epoch: Instant::now(),
+            by_id: vec![0u32; IDS].into_boxed_slice(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            free_ids: ids.into(),
             live: 0,
         }
     }
@@ -113,32 +105,39 @@ impl Inflight {
         from: Origin,
         backend: &Arc<BackendRuntime>,
     ) -> Option<u16> {
-        let Origin {
-            client,
-            client_id,
-            listener,
-            key,
-        } = from;
-        let id = self.free.pop_front()?;
-        let slot = &mut self.slots[usize::from(id)];
-        slot.seq = slot.seq.wrapping_add(1);
-        slot.live = true;
-        slot.client = client;
-        slot.client_id = client_id;
-        slot.listener = listener;
-        slot.key = key;
-        slot.sent = now;
-        slot.backend = Some(backend.clone());
-        let deadline = now.duration_since(self.epoch).as_millis() as u64 + timeout_ms;
-        self.expiry.push_back((deadline, id, slot.seq));
+        let wire_id = self.free_ids.pop_front()?;
+        let slot = Slot {
+            live: true,
+            wire_id,
+            client_id: from.client_id,
+            listener: from.listener,
+            client: from.client,
+            key: from.key,
+            sent: now,
+            deadline: now + std::time::Duration::from_millis(timeout_ms),
+            backend: Some(backend.clone()),
+        };
+        let index = match self.free_slots.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.by_id[usize::from(wire_id)] = index + 1;
         self.live += 1;
-        Some(id)
+        Some(wire_id)
     }
 
-    fn release(&mut self, id: u16) -> Done {
-        let slot = &mut self.slots[usize::from(id)];
+    fn release_slot(&mut self, index: u32) -> Done {
+        let slot = &mut self.slots[index as usize];
         slot.live = false;
-        self.free.push_back(id);
+        self.by_id[usize::from(slot.wire_id)] = 0;
+        self.free_ids.push_back(slot.wire_id);
+        self.free_slots.push(index);
         self.live -= 1;
         Done {
             client: slot.client,
@@ -149,63 +148,66 @@ impl Inflight {
         }
     }
 
+    /// Frees the slot of a query that never left (its wire ID is `id`).
+    fn release(&mut self, id: u16) -> Done {
+        let index = self.by_id[usize::from(id)];
+        assert!(index != 0, "release of an ID not in flight");
+        self.release_slot(index - 1)
+    }
+
     /// Validates a backend response against its slot and frees the slot on success.
     fn answer(&mut self, msg: &[u8], from: SocketAddr) -> Result<Done, Drop> {
         if msg.len() < packet::HEADER_LEN {
             return Err(Drop::Short);
         }
-        let id = packet::id(msg);
-        let slot = &self.slots[usize::from(id)];
-        if !slot.live {
+        let index = self.by_id[usize::from(packet::id(msg))];
+        if index == 0 {
             return Err(Drop::UnknownId);
         }
+        let slot = &self.slots[index as usize - 1];
         // Left in place on a mismatch: the genuine answer may still arrive.
         match &slot.backend {
             Some(b) if b.address == from => {}
             _ => return Err(Drop::WrongSource),
         }
         packet::response_matches(msg, &slot.key)?;
-        Ok(self.release(id))
+        Ok(self.release_slot(index - 1))
     }
 
     /// Frees every slot whose deadline has passed, handing each to `f`.
     fn expire(&mut self, now: Instant, mut f: impl FnMut(Done)) {
-        let now_ms = now.duration_since(self.epoch).as_millis() as u64;
-        while let Some(&(deadline, id, seq)) = self.expiry.front() {
-            let slot = &self.slots[usize::from(id)];
-            if slot.live && slot.seq == seq {
-                if deadline > now_ms {
-                    break;
-                }
-                self.expiry.pop_front();
-                f(self.release(id));
-            } else {
-                self.expiry.pop_front();
+        if self.live == 0 {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i].live && self.slots[i].deadline <= now {
+                f(self.release_slot(i as u32));
             }
         }
     }
 
     /// Frees every slot (hard stop), handing each to `f`.
     pub(crate) fn clear(&mut self, mut f: impl FnMut(Done)) {
-        while let Some((_, id, seq)) = self.expiry.pop_front() {
-            let slot = &self.slots[usize::from(id)];
-            if slot.live && slot.seq == seq {
-                f(self.release(id));
+        for i in 0..self.slots.len() {
+            if self.slots[i].live {
+                f(self.release_slot(i as u32));
             }
         }
     }
 }
 
-/// The UDP side of one worker.
+/// The UDP side of one worker. Sockets are registered for readability only: sends
+/// never wait (a full socket buffer drops the datagram, counted), so no writable
+/// events wake the worker.
 pub(crate) struct Udp {
-    pub(crate) listeners: Vec<Rc<UdpSocket>>,
-    up4: Rc<UdpSocket>,
-    up6: Option<Rc<UdpSocket>>,
+    pub(crate) listeners: Vec<Rc<AsyncFd<std::net::UdpSocket>>>,
+    up4: Rc<AsyncFd<std::net::UdpSocket>>,
+    up6: Option<Rc<AsyncFd<std::net::UdpSocket>>>,
     pub(crate) table: RefCell<Inflight>,
 }
 
 impl Udp {
-    pub(crate) fn new(listeners: Vec<UdpSocket>, buffer: usize) -> io::Result<Self> {
+    pub(crate) fn new(listeners: Vec<std::net::UdpSocket>, buffer: usize) -> io::Result<Self> {
         let up4 = upstream_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), buffer)?;
         let up6 = match upstream_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), buffer) {
             Ok(s) => Some(Rc::new(s)),
@@ -215,15 +217,30 @@ impl Udp {
             }
         };
         Ok(Udp {
-            listeners: listeners.into_iter().map(Rc::new).collect(),
+            listeners: listeners
+                .into_iter()
+                .map(|s| readable(s).map(Rc::new))
+                .collect::<io::Result<_>>()?,
             up4: Rc::new(up4),
             up6,
             table: RefCell::new(Inflight::new()),
         })
     }
+
+    fn upstream_for(&self, backend: SocketAddr) -> Option<&Rc<AsyncFd<std::net::UdpSocket>>> {
+        match backend {
+            SocketAddr::V4(_) => Some(&self.up4),
+            SocketAddr::V6(_) => self.up6.as_ref(),
+        }
+    }
 }
 
-fn upstream_socket(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+fn readable(s: std::net::UdpSocket) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    s.set_nonblocking(true)?;
+    crate::batch::register_readable(s)
+}
+
+fn upstream_socket(addr: SocketAddr, buffer: usize) -> io::Result<AsyncFd<std::net::UdpSocket>> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -233,12 +250,31 @@ fn upstream_socket(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
         s.set_only_v6(true)?;
     }
     crate::sockets::set_buffers(&s, buffer);
-    s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    readable(s.into())
 }
 
-/// Receives on one listener until cancelled.
+/// Datagrams taken per `recvmmsg`.
+const RECV_BATCH: usize = 32;
+/// Largest query accepted from a client (larger ones are cut, counted, dropped).
+const QUERY_BUFFER: usize = 4096;
+/// Batches handled per wake-up before yielding to the worker's other tasks.
+const ROUNDS: usize = 4;
+
+/// What to do with one datagram of a batch once it has been looked at.
+#[derive(Clone, Copy)]
+struct Out {
+    /// Index in the receive batch (bytes rewritten in place).
+    index: usize,
+    /// Where it goes.
+    to: SocketAddr,
+    /// Listener it leaves from (client answers), or the upstream ID (queries).
+    via: u16,
+    /// The length to send (SERVFAILs are shorter than the query).
+    len: usize,
+}
+
+/// Receives queries on one listener until cancelled; forwards them in batches.
 pub(crate) async fn serve_listener(
     w: Rc<Worker>,
     index: usize,
@@ -246,13 +282,82 @@ pub(crate) async fn serve_listener(
 ) -> io::Result<()> {
     let sock = w.udp.listeners[index].clone();
     let listener = index as u16;
-    recv_loop(&sock, &cancel, &w, |buf, len, from| {
-        on_query(&w, listener, buf, len, from)
+    let mut batch = RecvBatch::new(RECV_BATCH, QUERY_BUFFER);
+    let mut send = SendBatch::new(RECV_BATCH);
+    let (mut up4, mut up6, mut back) = (
+        Vec::with_capacity(RECV_BATCH),
+        Vec::new(),
+        Vec::with_capacity(RECV_BATCH),
+    );
+    recv_loop(&sock, &cancel, &w, &mut batch, |batch, n| {
+        up4.clear();
+        up6.clear();
+        back.clear();
+        for i in 0..n {
+            let (bytes, from, cut) = batch.get(i);
+            let Some(from) = from else { continue };
+            if cut {
+                w.shared.metrics.drop_udp(Drop::Oversized);
+                continue;
+            }
+            match on_query(&w, listener, bytes, from) {
+                Action::Forward { to, id } => {
+                    let out = Out {
+                        index: i,
+                        to,
+                        via: id,
+                        len: bytes.len(),
+                    };
+                    if to.is_ipv4() {
+                        up4.push(out)
+                    } else {
+                        up6.push(out)
+                    }
+                }
+                Action::Reply(len) => back.push(Out {
+                    index: i,
+                    to: from,
+                    via: listener,
+                    len,
+                }),
+                Action::None => {}
+            }
+        }
+        for (outs, v6) in [(&up4, false), (&up6, true)] {
+            if outs.is_empty() {
+                continue;
+            }
+            let Some(up) = w.udp.upstream_for(if v6 {
+                SocketAddr::from((Ipv6Addr::LOCALHOST, 0))
+            } else {
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+            }) else {
+                continue;
+            };
+            let sent = send.send(up.get_ref().as_raw_fd(), outs.len(), |k| {
+                (outs[k].to, batch.bytes(outs[k].index, outs[k].len))
+            });
+            for o in &outs[sent..] {
+                // Never left: free the slot without charging the backend.
+                let done = w.udp.table.borrow_mut().release(o.via);
+                done.backend.on_abandon();
+                w.shared.metrics.drop_udp(Drop::SendFailed);
+            }
+        }
+        if !back.is_empty() {
+            let sent = send.send(sock.get_ref().as_raw_fd(), back.len(), |k| {
+                (back[k].to, batch.bytes(back[k].index, back[k].len))
+            });
+            for _ in sent..back.len() {
+                w.shared.metrics.drop_udp(Drop::SendFailed);
+            }
+        }
     })
     .await
 }
 
-/// Receives backend answers on one upstream socket until `stop` is cancelled.
+/// Receives backend answers on one upstream socket until `stop` is cancelled; sends
+/// them to their clients in batches, per listener.
 pub(crate) async fn serve_upstream(
     w: Rc<Worker>,
     v6: bool,
@@ -266,35 +371,93 @@ pub(crate) async fn serve_upstream(
     } else {
         w.udp.up4.clone()
     };
-    recv_loop(&sock, &stop, &w, |buf, len, from| {
-        on_answer(&w, buf, len, from)
+    // Answers can be as large as a backend's EDNS buffer allows: room for the largest.
+    let mut batch = RecvBatch::new(RECV_BATCH / 2, packet::MAX_MESSAGE + 1);
+    let mut send = SendBatch::new(RECV_BATCH);
+    let mut replies: Vec<Out> = Vec::with_capacity(RECV_BATCH);
+    recv_loop(&sock, &stop, &w, &mut batch, |batch, n| {
+        replies.clear();
+        for i in 0..n {
+            let (bytes, from, cut) = batch.get(i);
+            let Some(from) = from else { continue };
+            if cut {
+                w.shared.metrics.drop_udp(Drop::Oversized);
+                continue;
+            }
+            if let Some((listener, client)) = on_answer(&w, bytes, from) {
+                replies.push(Out {
+                    index: i,
+                    to: client,
+                    via: listener,
+                    len: bytes.len(),
+                });
+            }
+        }
+        // Usually every answer leaves from the same listener: one call for all.
+        let mut rest = &mut replies[..];
+        while let Some(first) = rest.first().map(|o| o.via) {
+            let split = partition(rest, |o| o.via == first);
+            let (group, tail) = rest.split_at_mut(split);
+            let fd = w.udp.listeners[usize::from(first)].get_ref().as_raw_fd();
+            let sent = send.send(fd, group.len(), |k| {
+                (group[k].to, batch.bytes(group[k].index, group[k].len))
+            });
+            for _ in sent..group.len() {
+                w.shared.metrics.drop_udp(Drop::SendFailed);
+            }
+            rest = tail;
+        }
     })
     .await
 }
 
-/// Drains a socket in batches; transient errors are counted and skipped, a run of
-/// errors with no success in between ends the loop with the error.
+/// Moves the elements matching `pred` to the front; returns how many there are.
+fn partition<T>(v: &mut [T], pred: impl Fn(&T) -> bool) -> usize {
+    let mut k = 0;
+    for i in 0..v.len() {
+        if pred(&v[i]) {
+            v.swap(i, k);
+            k += 1;
+        }
+    }
+    k
+}
+
+/// Drains a socket in batches: one `recvmmsg` takes everything waiting; a short batch
+/// means the queue is empty, so readiness is cleared without the extra `recvfrom`
+/// that would return EAGAIN. Transient errors are counted and skipped; a long run of
+/// errors with no success ends the loop with the error.
 async fn recv_loop(
-    sock: &UdpSocket,
+    sock: &AsyncFd<std::net::UdpSocket>,
     cancel: &CancellationToken,
     w: &Worker,
-    mut on_packet: impl FnMut(&mut [u8], usize, SocketAddr),
+    batch: &mut RecvBatch,
+    mut on_batch: impl FnMut(&mut RecvBatch, usize),
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; packet::MAX_MESSAGE + 1];
+    let fd = sock.get_ref().as_raw_fd();
     let mut errors = 0u32;
     loop {
-        tokio::select! {
+        let mut guard = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
-            r = sock.readable() => r?,
-        }
-        for _ in 0..BATCH {
-            match sock.try_recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    errors = 0;
-                    on_packet(&mut buf, n, from);
+            g = sock.readable() => g?,
+        };
+        let mut more = false;
+        for _ in 0..ROUNDS {
+            match batch.recv(fd) {
+                Ok(0) => {
+                    guard.clear_ready();
+                    break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Ok(n) => {
+                    errors = 0;
+                    on_batch(batch, n);
+                    if n < batch.capacity() {
+                        guard.clear_ready();
+                        break;
+                    }
+                    more = true;
+                }
                 Err(e) => {
                     errors += 1;
                     w.shared.metrics.drop_udp(Drop::ReceiveFailed);
@@ -302,41 +465,50 @@ async fn recv_loop(
                     if errors > 1000 {
                         return Err(e);
                     }
+                    break;
                 }
             }
         }
-        tokio::task::yield_now().await;
+        drop(guard);
+        if more {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
-fn on_query(w: &Worker, listener: u16, buf: &mut [u8], len: usize, client: SocketAddr) {
+/// What a query turned into.
+enum Action {
+    /// Send it upstream to `to` (its ID is now `id`).
+    Forward { to: SocketAddr, id: u16 },
+    /// Send the first `len` bytes back to the client (a SERVFAIL made in place).
+    Reply(usize),
+    /// Dropped (counted).
+    None,
+}
+
+fn on_query(w: &Worker, listener: u16, msg: &mut [u8], client: SocketAddr) -> Action {
     let m = &w.shared.metrics;
     m.queries_udp.increment(1);
-    let msg = &mut buf[..len];
     let q = match packet::parse_query(msg) {
         Ok(q) => q,
-        Err(d) => return m.drop_udp(d),
+        Err(d) => {
+            m.drop_udp(d);
+            return Action::None;
+        }
     };
     let tun = w.tunables();
     let snap = w.shared.set.load();
     let picked = snap
         .pick(tun.policy, &mut w.picker.borrow_mut())
         .map(|e| &e.runtime);
-    let sock = &w.udp.listeners[usize::from(listener)];
     let Some(backend) = picked else {
         m.no_backend_udp.increment(1);
-        let n = packet::servfail_in_place(msg, q.question_end);
-        if sock.try_send_to(&msg[..n], client).is_err() {
-            m.drop_udp(Drop::SendFailed);
-        }
-        return;
+        return Action::Reply(packet::servfail_in_place(msg, q.question_end));
     };
-    let upstream = match (backend.address, &w.udp.up6) {
-        (SocketAddr::V4(_), _) => &w.udp.up4,
-        (SocketAddr::V6(_), Some(s)) => s,
-        (SocketAddr::V6(_), None) => return m.drop_udp(Drop::SendFailed),
-    };
-    let now = Instant::now();
+    if w.udp.upstream_for(backend.address).is_none() {
+        m.drop_udp(Drop::SendFailed);
+        return Action::None;
+    }
     let origin = Origin {
         client,
         client_id: q.id,
@@ -347,35 +519,33 @@ fn on_query(w: &Worker, listener: u16, buf: &mut [u8], len: usize, client: Socke
         .udp
         .table
         .borrow_mut()
-        .insert(now, tun.query_timeout_ms, origin, backend);
+        .insert(Instant::now(), tun.query_timeout_ms, origin, backend);
     let Some(id) = id else {
         m.drop_udp(Drop::IdsExhausted);
-        let n = packet::servfail_in_place(msg, q.question_end);
-        let _ = sock.try_send_to(&msg[..n], client);
-        return;
+        return Action::Reply(packet::servfail_in_place(msg, q.question_end));
     };
     packet::set_id(msg, id);
     backend.on_forward();
-    if upstream.try_send_to(msg, backend.address).is_err() {
-        w.udp.table.borrow_mut().release(id);
-        backend.on_abandon();
-        m.drop_udp(Drop::SendFailed);
+    Action::Forward {
+        to: backend.address,
+        id,
     }
 }
 
-fn on_answer(w: &Worker, buf: &mut [u8], len: usize, from: SocketAddr) {
-    let msg = &mut buf[..len];
+/// Validates an answer and restores the client's ID in place; returns the listener and
+/// client it goes to.
+fn on_answer(w: &Worker, msg: &mut [u8], from: SocketAddr) -> Option<(u16, SocketAddr)> {
     let done = match w.udp.table.borrow_mut().answer(msg, from) {
         Ok(d) => d,
-        Err(d) => return w.shared.metrics.drop_udp(d),
+        Err(d) => {
+            w.shared.metrics.drop_udp(d);
+            return None;
+        }
     };
     packet::set_id(msg, done.client_id);
     done.backend
         .on_response(packet::rcode(msg), done.sent.elapsed());
-    let sock = &w.udp.listeners[usize::from(done.listener)];
-    if sock.try_send_to(msg, done.client).is_err() {
-        w.shared.metrics.drop_udp(Drop::SendFailed);
-    }
+    Some((done.listener, done.client))
 }
 
 /// Frees timed-out slots and charges their backends.
@@ -440,6 +610,7 @@ mod tests {
         let a = t.insert(now, 100, origin(c, 1, key), &b).unwrap();
         let _b2 = t.insert(now, 100, origin(c, 2, key), &b).unwrap();
         t.release(a);
+        assert_eq!(t.live(), 1);
         let mut expired = vec![];
         t.expire(now + std::time::Duration::from_millis(50), |d| {
             expired.push(d.client_id)

@@ -1,0 +1,304 @@
+//! Batched UDP system calls: `recvmmsg` to take every datagram waiting on a socket in
+//! one call, and `sendmmsg` to send several in one. This is the crate's only `unsafe`
+//! code, kept to the two small functions that fill the kernel's arrays; everything
+//! they touch is owned by the batch structs here. The benchmark in `bench/` is what
+//! justifies it: per query it saves the `recvfrom` that returned EAGAIN, and under load
+//! it folds many datagrams into one system call each way.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+
+/// Datagrams received (and the room for them) in one `recvmmsg`.
+pub struct RecvBatch {
+    size: usize,
+    data: Vec<u8>,
+    lens: Vec<usize>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovecs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    truncated: Vec<bool>,
+}
+
+impl RecvBatch {
+    /// Room for `count` datagrams of up to `size` bytes each. Pages are only touched
+    /// when a datagram lands in them, so a large `size` costs address space, not RSS.
+    pub fn new(count: usize, size: usize) -> Self {
+        RecvBatch {
+            size,
+            data: vec![0u8; count * size],
+            lens: vec![0; count],
+            // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for which
+            // all-zero bytes are a valid value.
+            addrs: (0..count).map(|_| unsafe { zeroed() }).collect(),
+            iovecs: (0..count).map(|_| unsafe { zeroed() }).collect(),
+            hdrs: (0..count).map(|_| unsafe { zeroed() }).collect(),
+            truncated: vec![false; count],
+        }
+    }
+
+    /// Receives up to the batch's capacity without blocking. `Ok(0)` means nothing was
+    /// waiting (EAGAIN).
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let count = self.lens.len();
+        for i in 0..count {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.data[i * self.size..].as_mut_ptr().cast(),
+                iov_len: self.size,
+            };
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovecs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points into buffers owned by `self` that outlive the
+        // call (iovecs into `data`, names into `addrs`), with the lengths set above.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                count as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(0)
+            } else {
+                Err(e)
+            };
+        }
+        let n = n as usize;
+        for i in 0..n {
+            self.lens[i] = self.hdrs[i].msg_len as usize;
+            self.truncated[i] = self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        }
+        Ok(n)
+    }
+
+    /// Capacity in datagrams.
+    pub fn capacity(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// The first `len` bytes of datagram `i` of the last `recv`.
+    pub fn bytes(&self, i: usize, len: usize) -> &[u8] {
+        let start = i * self.size;
+        &self.data[start..start + len.min(self.size)]
+    }
+
+    /// Datagram `i` of the last `recv`: its bytes (mutable, to rewrite the ID in place),
+    /// its source, and whether it was cut to fit.
+    pub fn get(&mut self, i: usize) -> (&mut [u8], Option<SocketAddr>, bool) {
+        let addr = to_socket_addr(&self.addrs[i]);
+        let start = i * self.size;
+        let len = self.lens[i].min(self.size);
+        (&mut self.data[start..start + len], addr, self.truncated[i])
+    }
+}
+
+/// Scratch space for one `sendmmsg`.
+pub struct SendBatch {
+    addrs: Vec<libc::sockaddr_storage>,
+    lens: Vec<libc::socklen_t>,
+    iovecs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl SendBatch {
+    /// Room for `count` datagrams per call.
+    pub fn new(count: usize) -> Self {
+        SendBatch {
+            // SAFETY: as in `RecvBatch::new`, all-zero C structs.
+            addrs: (0..count).map(|_| unsafe { zeroed() }).collect(),
+            lens: vec![0; count],
+            iovecs: (0..count).map(|_| unsafe { zeroed() }).collect(),
+            hdrs: (0..count).map(|_| unsafe { zeroed() }).collect(),
+        }
+    }
+
+    /// Sends `count` datagrams, the `k`-th being `packet(k)` = (destination, bytes),
+    /// without blocking, in as few calls as the capacity allows. Returns how many
+    /// were sent, in order; the rest met a full socket buffer or an error (UDP: the
+    /// caller counts them as dropped).
+    pub fn send<'a>(
+        &mut self,
+        fd: RawFd,
+        count: usize,
+        packet: impl Fn(usize) -> (SocketAddr, &'a [u8]),
+    ) -> usize {
+        let mut sent = 0;
+        while sent < count {
+            let chunk = (count - sent).min(self.hdrs.len());
+            for i in 0..chunk {
+                let (addr, bytes) = packet(sent + i);
+                let addr = &addr;
+                self.lens[i] = from_socket_addr(addr, &mut self.addrs[i]);
+                self.iovecs[i] = libc::iovec {
+                    iov_base: bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: bytes.len(),
+                };
+                let h = &mut self.hdrs[i].msg_hdr;
+                h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = self.lens[i];
+                h.msg_iov = &mut self.iovecs[i];
+                h.msg_iovlen = 1;
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+                h.msg_flags = 0;
+            }
+            // SAFETY: the first `chunk` headers point at `self`'s addresses and
+            // iovecs, which point at the caller's slices; all outlive the call, and
+            // the kernel only reads from them.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs.as_mut_ptr(),
+                    chunk as libc::c_uint,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n <= 0 {
+                return sent;
+            }
+            sent += n as usize;
+            if (n as usize) < chunk {
+                return sent;
+            }
+        }
+        sent
+    }
+}
+
+/// Registers a UDP socket with the runtime for readability only (no writable events:
+/// sends never wait).
+pub fn register_readable(
+    s: std::net::UdpSocket,
+) -> io::Result<tokio::io::unix::AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the AsyncFd takes ownership of the socket, whose descriptor stays open
+    // and refers to the same socket until the AsyncFd (and with it the socket) drops.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(s.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is
+            // large enough and aligned for.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn from_socket_addr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            let s =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            s.sin_family = libc::AF_INET as libc::sa_family_t;
+            s.sin_port = a.port().to_be();
+            s.sin_addr = libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            };
+            s.sin_zero = [0; 8];
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let s =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            s.sin6_port = a.port().to_be();
+            s.sin6_flowinfo = a.flowinfo();
+            s.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            s.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_batch_round_trips_many_datagrams_with_their_sources() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 10 + usize::from(i)]).collect();
+        let mut send = SendBatch::new(8);
+        assert_eq!(
+            send.send(tx.as_raw_fd(), payloads.len(), |k| (
+                to,
+                payloads[k].as_slice()
+            )),
+            20
+        );
+        let mut recv = RecvBatch::new(16, 64);
+        let mut got = Vec::new();
+        loop {
+            let n = recv.recv(rx.as_raw_fd()).unwrap();
+            if n == 0 {
+                break;
+            }
+            for i in 0..n {
+                let (bytes, from, cut) = recv.get(i);
+                assert_eq!(from, Some(tx.local_addr().unwrap()));
+                assert!(!cut);
+                got.push(bytes.to_vec());
+            }
+        }
+        assert_eq!(got, payloads);
+    }
+
+    #[test]
+    fn an_oversized_datagram_is_reported_as_truncated() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&[7u8; 100], rx.local_addr().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut recv = RecvBatch::new(2, 32);
+        assert_eq!(recv.recv(rx.as_raw_fd()).unwrap(), 1);
+        let (bytes, _, cut) = recv.get(0);
+        assert!(cut && bytes.len() == 32);
+    }
+
+    #[test]
+    fn ipv6_addresses_convert_both_ways() {
+        let a: SocketAddr = "[2001:db8::1]:5353".parse().unwrap();
+        // SAFETY: all-zero sockaddr_storage is valid.
+        let mut s: libc::sockaddr_storage = unsafe { zeroed() };
+        from_socket_addr(&a, &mut s);
+        assert_eq!(to_socket_addr(&s), Some(a));
+    }
+}
