@@ -327,8 +327,8 @@ def versions():
     v["nginx"] = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     named = shutil.which("named") or "/usr/sbin/named"
     v["bind"] = subprocess.run([named, "-v"], capture_output=True, text=True).stdout.strip()
-    v["dnsperf"] = [l for l in subprocess.run(["dnsperf", "-h"], capture_output=True, text=True).stderr.splitlines()
-                    if l.startswith("Version")][0]
+    h = subprocess.run(["dnsperf", "-h"], capture_output=True, text=True)
+    v["dnsperf"] = next((l for l in (h.stdout + h.stderr).splitlines() if l.startswith("Version")), "dnsperf (version unknown)")
     return v
 
 
@@ -408,6 +408,9 @@ def main():
         if os.path.exists(os.path.join(work, "nginx.pid")):
             subprocess.run(["nginx", "-p", work, "-c", os.path.join(work, "nginx.conf"), "-s", "stop"],
                            capture_output=True)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log(f"raw results: {work}/results.json")
     report(results, a, targets)
 
 

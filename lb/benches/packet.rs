@@ -14,7 +14,10 @@ use hickory_proto::serialize::binary::BinEncodable;
 
 fn query() -> Vec<u8> {
     let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
-    m.add_query(Query::query(Name::from_ascii("www.Example.test.").unwrap(), RecordType::AAAA));
+    m.add_query(Query::query(
+        Name::from_ascii("www.Example.test.").unwrap(),
+        RecordType::AAAA,
+    ));
     let mut e = Edns::new();
     e.set_max_payload(1232);
     m.set_edns(e);
@@ -26,7 +29,9 @@ fn packet_functions(c: &mut Criterion) {
     let parsed = packet::parse_query(&q).unwrap();
     let mut answer = q.clone();
     answer[2] |= 0x80;
-    c.bench_function("parse_query", |b| b.iter(|| packet::parse_query(black_box(&q))));
+    c.bench_function("parse_query", |b| {
+        b.iter(|| packet::parse_query(black_box(&q)))
+    });
     c.bench_function("response_matches", |b| {
         b.iter(|| packet::response_matches(black_box(&answer), black_box(&parsed.key)))
     });

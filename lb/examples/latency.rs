@@ -44,7 +44,8 @@ fn main() {
     let seconds: f64 = args[3].parse().expect("seconds");
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.connect(server).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let start = Instant::now();
     // Send time (ns since start, +1; 0 = nothing outstanding) by ID.
     let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..65536).map(|_| AtomicU64::new(0)).collect());
@@ -87,7 +88,8 @@ fn main() {
             let id = (sent % 65536) as u16;
             let mut q = qs[(sent % qs.len() as u64) as usize].clone();
             q[..2].copy_from_slice(&id.to_be_bytes());
-            sent_at[usize::from(id)].store(start.elapsed().as_nanos() as u64 + 1, Ordering::Release);
+            sent_at[usize::from(id)]
+                .store(start.elapsed().as_nanos() as u64 + 1, Ordering::Release);
             let _ = sock.send(&q);
             sent += 1;
         }

@@ -174,8 +174,10 @@ fn fifty_plus_pipelined_tcp_queries_on_one_connection_are_all_answered() {
         .collect();
     let mut expected = std::collections::HashMap::new();
     let mut all = Vec::new();
-    for n in &names {
-        let q = query(n, RecordType::A, true);
+    for (i, n) in names.iter().enumerate() {
+        let mut q = query(n, RecordType::A, true);
+        // Distinct IDs (random ones may collide), so each answer names its query.
+        q[..2].copy_from_slice(&(1000 + i as u16).to_be_bytes());
         expected.insert(u16::from_be_bytes([q[0], q[1]]), n.clone());
         all.extend_from_slice(&(q.len() as u16).to_be_bytes());
         all.extend_from_slice(&q);
