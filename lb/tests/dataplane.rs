@@ -675,3 +675,82 @@ fn check_flag_lists_every_problem_and_version_prints() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
     let _ = HashSet::<u8>::new();
 }
+
+#[test]
+fn under_systemd_ready_is_sent_once_listeners_are_bound() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::fs::write(
+        dir.path().join("dnslb.toml"),
+        format!(
+            "{}[state]\npath = \"{}\"\n",
+            config(&[], ""),
+            dir.path().join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        .arg("--config")
+        .arg(dir.path().join("dnslb.toml"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 arrives");
+    assert_eq!(&buf[..n], b"READY=1");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn idle_tcp_connections_are_closed_and_the_connection_cap_holds() {
+    use std::io::Read;
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns.addr)],
+        "[tcp]\nidle_timeout_ms = 300\nmax_connections = 3\n",
+    ));
+    // Idle: a connection that sends nothing is closed after the idle timeout.
+    let mut idle = TcpStream::connect(lb.dns).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let start = Instant::now();
+    let mut b = [0u8; 8];
+    assert!(matches!(idle.read(&mut b), Ok(0) | Err(_)));
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    // Cap: three open connections are served; a fourth is closed at once.
+    let mut open: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(lb.dns).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut fourth = TcpStream::connect(lb.dns).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    assert!(
+        matches!(fourth.read(&mut b), Ok(0) | Err(_)),
+        "over the cap: closed"
+    );
+    for s in &mut open {
+        s.set_read_timeout(Some(T)).unwrap();
+        write_frame(s, &query("www.example.test.", RecordType::A, true)).unwrap();
+        let m = Message::from_vec(&read_frame(s).unwrap()).unwrap();
+        assert_eq!(m.answers.len(), 2);
+    }
+    let metrics = lb.http("GET", "/metrics", None).1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("too_many_connections") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
