@@ -5,23 +5,17 @@
 #[path = "../../lb/tests/common/mod.rs"]
 mod common;
 mod fake_linode;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{config as lb_config, Dnslb, Named};
 use fake_linode::TOKEN;
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
+use support::repo;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -101,36 +95,24 @@ bake_s = 1
         std::fs::write(self.dir.path().join("deployer.toml"), text).unwrap();
     }
 
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_deployer"));
-        c.arg("--config")
-            .arg(self.dir.path().join("deployer.toml"))
-            .args(args)
-            .env("LINODE_TOKEN", TOKEN);
-        c
+    fn cli(&self) -> support::Cli {
+        support::Cli {
+            config: self.dir.path().join("deployer.toml"),
+            env: vec![("LINODE_TOKEN", TOKEN.to_string())],
+            secret: Some(TOKEN),
+        }
     }
 
-    /// Runs and checks the token never shows in the output.
+    fn cmd(&self, args: &[&str]) -> Command {
+        self.cli().cmd(args)
+    }
+
     fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).output().unwrap();
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!all.contains(TOKEN), "token leaked in output of {args:?}");
-        out
+        self.cli().run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "deployer {args:?}:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        self.cli().ok(args)
     }
 
     fn labels(&self) -> Vec<String> {

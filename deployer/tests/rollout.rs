@@ -4,21 +4,16 @@
 
 #[path = "../../lb/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{config as lb_config, Dnslb};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
+use support::repo;
 
 /// A deployer setup: a temp dir with deployer.toml and a dnslb without backends.
 struct Setup {
@@ -65,27 +60,24 @@ bake_s = 1
         std::fs::write(self.dir.path().join("deployer.toml"), text).unwrap();
     }
 
+    fn cli(&self) -> support::Cli {
+        support::Cli {
+            config: self.dir.path().join("deployer.toml"),
+            env: Vec::new(),
+            secret: None,
+        }
+    }
+
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_deployer"));
-        c.arg("--config")
-            .arg(self.dir.path().join("deployer.toml"))
-            .args(args);
-        c
+        self.cli().cmd(args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        self.cli().run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "deployer {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
+        self.cli().ok(args)
     }
 
     fn status(&self) -> Value {

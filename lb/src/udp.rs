@@ -294,12 +294,9 @@ pub(crate) async fn serve_listener(
         up6.clear();
         back.clear();
         for i in 0..n {
-            let (bytes, from, cut) = batch.get(i);
-            let Some(from) = from else { continue };
-            if cut {
-                w.shared.metrics.drop_udp(Drop::Oversized);
+            let Some((bytes, from)) = datagram(&w, batch, i) else {
                 continue;
-            }
+            };
             match on_query(&w, listener, bytes, from) {
                 Action::Forward { to, id } => {
                     let out = Out {
@@ -378,12 +375,9 @@ pub(crate) async fn serve_upstream(
     recv_loop(&sock, &stop, &w, &mut batch, |batch, n| {
         replies.clear();
         for i in 0..n {
-            let (bytes, from, cut) = batch.get(i);
-            let Some(from) = from else { continue };
-            if cut {
-                w.shared.metrics.drop_udp(Drop::Oversized);
+            let Some((bytes, from)) = datagram(&w, batch, i) else {
                 continue;
-            }
+            };
             if let Some((listener, client)) = on_answer(&w, bytes, from) {
                 replies.push(Out {
                     index: i,
@@ -409,6 +403,20 @@ pub(crate) async fn serve_upstream(
         }
     })
     .await
+}
+
+/// Datagram `i` of a batch with its source, or `None` (counted) if it was cut to fit.
+fn datagram<'a>(
+    w: &Worker,
+    batch: &'a mut RecvBatch,
+    i: usize,
+) -> Option<(&'a mut [u8], SocketAddr)> {
+    let (bytes, from, cut) = batch.get(i);
+    if cut {
+        w.shared.metrics.drop_udp(Drop::Oversized);
+        return None;
+    }
+    Some((bytes, from?))
 }
 
 /// Moves the elements matching `pred` to the front; returns how many there are.

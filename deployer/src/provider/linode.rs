@@ -492,10 +492,7 @@ impl Provider for Linode {
                 "nameserver_zones_dir": self.zones_dir,
             })
         };
-        match vars {
-            Value::Object(m) => m,
-            _ => unreachable!("literal object"),
-        }
+        super::object(vars)
     }
 
     fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr> {

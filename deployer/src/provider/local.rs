@@ -229,10 +229,7 @@ impl Provider for Local {
             "nameserver_listen_address": "127.0.0.1",
             "nameserver_zones_dir": self.zones_dir,
         });
-        match vars {
-            Value::Object(m) => m,
-            _ => unreachable!("literal object"),
-        }
+        super::object(vars)
     }
 
     fn backend_addr(&self, inst: &Instance, _lb: &LoadBalancer) -> Option<SocketAddr> {

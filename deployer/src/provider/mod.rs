@@ -94,6 +94,14 @@ pub trait Provider {
     fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr>;
 }
 
+/// The map inside a JSON object literal (host variables are written as `json!({…})`).
+fn object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        other => unreachable!("host variables are an object literal, not {other}"),
+    }
+}
+
 /// The provider chosen by the config.
 pub enum AnyProvider {
     /// Local processes.
