@@ -484,3 +484,49 @@ fn ansible_playbook_syntax_and_roles_are_idempotent() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_swap_refused_by_a_second_load_balancer_puts_the_first_one_back() {
+    let s = Setup::new("");
+    s.ok(&["bootstrap"]);
+    let before = s.assert_converged();
+    let set_before = s.lb_members();
+    // lb2 health-checks a name the servers do not serve, so its require_healthy gate
+    // refuses the new servers (422) after lb1 has already been swapped.
+    let lb2 = Dnslb::start(&lb_config(&[], "").replace("example.test.", "not-served.test."));
+    for (name, addr) in &set_before {
+        let (st, body) = lb2.http(
+            "POST",
+            "/v1/backends",
+            Some(&format!(r#"{{"name":"{name}","address":"{addr}"}}"#)),
+        );
+        assert_eq!(st, 201, "{body}");
+    }
+    let lb2_before: serde_json::Value =
+        serde_json::from_str(&lb2.http("GET", "/v1/backends", None).1).unwrap();
+    s.write_config(&format!(
+        "\n[[load_balancer]]\nname = \"lb2\"\nadmin_url = \"http://{}\"\ndns = \"{}\"\nnameservers = [\"ns1\", \"ns2\"]\n",
+        lb2.admin, lb2.dns
+    ));
+    let out = s.run(&["rollout"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("4/7 swap: FAILED") && stderr.contains("422"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("lb1 restored"), "{stderr}");
+    assert_eq!(s.lb_members(), set_before, "lb1 is put back");
+    let lb2_after: serde_json::Value =
+        serde_json::from_str(&lb2.http("GET", "/v1/backends", None).1).unwrap();
+    assert_eq!(
+        lb2_after["generation"], lb2_before["generation"],
+        "lb2 never changed"
+    );
+    s.write_config("");
+    assert_eq!(
+        s.assert_converged(),
+        before,
+        "no new server left, old ones intact"
+    );
+}

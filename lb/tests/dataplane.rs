@@ -754,3 +754,34 @@ fn idle_tcp_connections_are_closed_and_the_connection_cap_holds() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_query_that_times_out_frees_its_slot_and_is_counted() {
+    let black_hole = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = black_hole.local_addr().unwrap();
+    let lb = Dnslb::start(
+        &config(&[("hole", addr)], "[balance]\nquery_timeout_ms = 300\n")
+            .replace("interval_ms = 200", "interval_ms = 60000"),
+    );
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns)
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(
+        c.recv_from(&mut buf).is_err(),
+        "no answer: the backend never replied"
+    );
+    assert!(eventually(T, || {
+        let b: serde_json::Value =
+            serde_json::from_str(&lb.http("GET", "/v1/backends/hole", None).1).unwrap();
+        b["timeouts_total"] == 1 && b["outstanding"] == 0
+    }));
+    let m = lb.http("GET", "/metrics", None).1;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with(dnslb::metrics::BACKEND_TIMEOUTS) && l.ends_with(" 1")),
+        "{m}"
+    );
+}
