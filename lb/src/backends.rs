@@ -326,6 +326,21 @@ impl Snapshot {
         }
     }
 
+    /// Like [`pick`](Self::pick), but never the backend at `not` (used to retry a
+    /// query elsewhere); `None` if no other backend is usable.
+    pub fn pick_other(&self, policy: Policy, p: &mut Picker, not: SocketAddr) -> Option<&Entry> {
+        for _ in 0..self.entries.len() {
+            match self.pick(policy, p) {
+                Some(e) if e.spec.address != not => return Some(e),
+                None => return None,
+                Some(_) => {}
+            }
+        }
+        self.entries
+            .iter()
+            .find(|e| e.usable() && e.spec.address != not)
+    }
+
     /// The entry called `name`.
     pub fn get(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.spec.name == name)
@@ -516,6 +531,29 @@ mod tests {
             c[i] += 1;
         }
         c
+    }
+
+    #[test]
+    fn pick_other_avoids_one_backend_under_every_policy() {
+        let set = BackendSet::new(1, &[member("a", 1, 1), member("b", 2, 1)]).unwrap();
+        let not = SocketAddr::from(([127, 0, 0, 1], 1));
+        let snap = set.load();
+        let mut p = Picker::default();
+        for policy in [
+            Policy::RoundRobin,
+            Policy::WeightedRandom,
+            Policy::LeastOutstanding,
+            Policy::FirstAvailable,
+        ] {
+            for _ in 0..10 {
+                assert_eq!(snap.pick_other(policy, &mut p, not).unwrap().spec.name, "b");
+            }
+        }
+        let only = BackendSet::new(1, &[member("a", 1, 1)]).unwrap();
+        assert!(only
+            .load()
+            .pick_other(Policy::RoundRobin, &mut p, not)
+            .is_none());
     }
 
     #[test]

@@ -238,7 +238,7 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
 /// SERVFAIL if no backend is usable, or `None` if the query timed out.
 async fn forward(w: &Rc<Worker>, mut msg: Vec<u8>, q: packet::Query) -> Option<Vec<u8>> {
     let tun = w.tunables();
-    let backend: Arc<BackendRuntime> = {
+    let mut backend: Arc<BackendRuntime> = {
         let snap = w.shared.set.load();
         let picked = snap.pick(tun.policy, &mut w.picker.borrow_mut());
         match picked {
@@ -253,7 +253,7 @@ async fn forward(w: &Rc<Worker>, mut msg: Vec<u8>, q: packet::Query) -> Option<V
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(tun.query_timeout_ms);
     backend.on_forward();
-    let sent = Instant::now();
+    let mut sent = Instant::now();
     for attempt in 0..2 {
         let up = w.tcp.upstream(backend.address, &tun, &w.shared.metrics);
         match up.query(msg.clone(), q.key, deadline).await {
@@ -262,7 +262,23 @@ async fn forward(w: &Rc<Worker>, mut msg: Vec<u8>, q: packet::Query) -> Option<V
                 backend.on_response(packet::rcode(&resp), sent.elapsed());
                 return Some(resp);
             }
-            Err(UpError::Lost) if attempt == 0 => continue,
+            Err(UpError::Lost) if attempt == 0 => {
+                if up.connected.get() {
+                    continue; // an open connection closed (idle, reset): retry on a new one
+                }
+                // The backend refused the connection: charge it (passive health) and
+                // retry the query on another backend, if there is one.
+                let snap = w.shared.set.load();
+                let other = snap
+                    .pick_other(tun.policy, &mut w.picker.borrow_mut(), backend.address)
+                    .map(|e| e.runtime.clone());
+                if let Some(other) = other {
+                    backend.on_timeout(tun.fall);
+                    backend = other;
+                    backend.on_forward();
+                    sent = Instant::now();
+                }
+            }
             Err(_) => break,
         }
     }
@@ -289,6 +305,8 @@ struct Upstream {
     tx: mpsc::UnboundedSender<Request>,
     pending: Cell<usize>,
     closed: Cell<bool>,
+    /// The connection was established (a loss after that is not a refusal).
+    connected: Cell<bool>,
 }
 
 impl Upstream {
@@ -298,6 +316,7 @@ impl Upstream {
             tx,
             pending: Cell::new(0),
             closed: Cell::new(false),
+            connected: Cell::new(false),
         });
         let connect_timeout = Duration::from_millis(tun.query_timeout_ms);
         let idle = Duration::from_millis(tun.tcp.backend_idle_timeout_ms);
@@ -349,6 +368,7 @@ async fn run_upstream(
 ) {
     let inflight: RefCell<HashMap<u16, InFlight>> = RefCell::new(HashMap::new());
     if let Ok(Ok(stream)) = timeout(connect_timeout, TcpStream::connect(addr)).await {
+        up.connected.set(true);
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
         let writer = async {

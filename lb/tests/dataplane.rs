@@ -785,3 +785,22 @@ fn a_query_that_times_out_frees_its_slot_and_is_counted() {
         "{m}"
     );
 }
+
+#[test]
+fn a_tcp_query_to_a_backend_that_refuses_connections_is_retried_on_another() {
+    // The dead backend comes first and health checks are too slow to notice it: the
+    // refused connection itself moves the query to the live backend.
+    let ns = Named::start();
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lb = Dnslb::start(
+        &config(
+            &[("dead", dead), ("live", ns.addr)],
+            "[balance]\npolicy = \"first-available\"\n",
+        )
+        .replace("interval_ms = 200", "interval_ms = 60000"),
+    );
+    let q = query("www.example.test.", RecordType::A, true);
+    let m = Message::from_vec(&tcp_query_raw(lb.dns, &q).unwrap()).unwrap();
+    assert_eq!(m.response_code, ResponseCode::NoError);
+    assert_eq!(m.answers.len(), 2);
+}
