@@ -422,6 +422,9 @@ async fn healthz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::V
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    for e in &s.shared.set.load().entries {
+        e.runtime.sync_metrics();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.prometheus.render(),

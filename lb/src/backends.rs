@@ -111,6 +111,14 @@ impl BackendRuntime {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// Copies the counters the hot path keeps as plain atomics (queries, in flight)
+    /// into their metric handles; run before `/metrics` is rendered, so the data
+    /// plane does not touch the metrics registry for them per query.
+    pub fn sync_metrics(&self) {
+        self.metrics.queries.absolute(self.queries_total());
+        self.metrics.outstanding.set(self.outstanding() as f64);
+    }
+
     /// Queries forwarded since the backend joined.
     pub fn queries_total(&self) -> u64 {
         self.queries.load(Ordering::Relaxed)
@@ -125,16 +133,13 @@ impl BackendRuntime {
     #[inline]
     pub fn on_forward(&self) {
         self.queries.fetch_add(1, Ordering::Relaxed);
-        let n = self.outstanding.fetch_add(1, Ordering::Relaxed) + 1;
-        self.metrics.queries.increment(1);
-        self.metrics.outstanding.set(n as f64);
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An answer came back after `latency`.
     #[inline]
     pub fn on_response(&self, rcode: u8, latency: std::time::Duration) {
-        let n = self.outstanding.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.metrics.outstanding.set(n as f64);
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.metrics.response(rcode);
         self.metrics.latency.record(latency.as_secs_f64());
         // Passive signal: an answer ends a streak of timeouts (and only that: failed
@@ -148,8 +153,7 @@ impl BackendRuntime {
     /// A query was given up (timeout, or the connection carrying it died). Counts as a
     /// passive health failure; `fall` of them in a row mark the backend down.
     pub fn on_timeout(&self, fall: u32) {
-        let n = self.outstanding.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.metrics.outstanding.set(n as f64);
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.timeouts.fetch_add(1, Ordering::Relaxed);
         self.metrics.timeouts.increment(1);
         self.passes.store(0, Ordering::Relaxed);
@@ -161,8 +165,7 @@ impl BackendRuntime {
 
     /// A query was abandoned without charging the backend (it was never sent).
     pub fn on_abandon(&self) {
-        let n = self.outstanding.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.metrics.outstanding.set(n as f64);
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A health check passed. The first completed check decides at once; after that,

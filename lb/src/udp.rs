@@ -290,6 +290,7 @@ pub(crate) async fn serve_listener(
         Vec::with_capacity(RECV_BATCH),
     );
     recv_loop(&sock, &cancel, &w, &mut batch, |batch, n| {
+        w.shared.metrics.queries_udp.increment(n as u64);
         up4.clear();
         up6.clear();
         back.clear();
@@ -496,7 +497,6 @@ enum Action {
 
 fn on_query(w: &Worker, listener: u16, msg: &mut [u8], client: SocketAddr) -> Action {
     let m = &w.shared.metrics;
-    m.queries_udp.increment(1);
     let q = match packet::parse_query(msg) {
         Ok(q) => q,
         Err(d) => {
