@@ -227,10 +227,12 @@ impl Udp {
         })
     }
 
-    fn upstream_for(&self, backend: SocketAddr) -> Option<&Rc<AsyncFd<std::net::UdpSocket>>> {
-        match backend {
-            SocketAddr::V4(_) => Some(&self.up4),
-            SocketAddr::V6(_) => self.up6.as_ref(),
+    /// The upstream socket of an address family (IPv6 may be unavailable).
+    fn upstream(&self, v6: bool) -> Option<&Rc<AsyncFd<std::net::UdpSocket>>> {
+        if v6 {
+            self.up6.as_ref()
+        } else {
+            Some(&self.up4)
         }
     }
 }
@@ -325,11 +327,7 @@ pub(crate) async fn serve_listener(
             if outs.is_empty() {
                 continue;
             }
-            let Some(up) = w.udp.upstream_for(if v6 {
-                SocketAddr::from((Ipv6Addr::LOCALHOST, 0))
-            } else {
-                SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
-            }) else {
+            let Some(up) = w.udp.upstream(v6) else {
                 continue;
             };
             let sent = send.send(up.get_ref().as_raw_fd(), outs.len(), |k| {
@@ -513,7 +511,7 @@ fn on_query(w: &Worker, listener: u16, msg: &mut [u8], client: SocketAddr) -> Ac
         m.no_backend_udp.increment(1);
         return Action::Reply(packet::servfail_in_place(msg, q.question_end));
     };
-    if w.udp.upstream_for(backend.address).is_none() {
+    if w.udp.upstream(backend.address.is_ipv6()).is_none() {
         m.drop_udp(Drop::SendFailed);
         return Action::None;
     }
