@@ -293,6 +293,7 @@ pub(crate) async fn serve_listener(
     );
     recv_loop(&sock, &cancel, &w, &mut batch, |batch, n| {
         w.shared.metrics.queries_udp.increment(n as u64);
+        let now = Instant::now();
         up4.clear();
         up6.clear();
         back.clear();
@@ -300,7 +301,7 @@ pub(crate) async fn serve_listener(
             let Some((bytes, from)) = datagram(&w, batch, i) else {
                 continue;
             };
-            match on_query(&w, listener, bytes, from) {
+            match on_query(&w, listener, bytes, from, now) {
                 Action::Forward { to, id } => {
                     let out = Out {
                         index: i,
@@ -373,11 +374,12 @@ pub(crate) async fn serve_upstream(
     let mut replies: Vec<Out> = Vec::with_capacity(RECV_BATCH);
     recv_loop(&sock, &stop, &w, &mut batch, |batch, n| {
         replies.clear();
+        let now = Instant::now();
         for i in 0..n {
             let Some((bytes, from)) = datagram(&w, batch, i) else {
                 continue;
             };
-            if let Some((listener, client)) = on_answer(&w, bytes, from) {
+            if let Some((listener, client)) = on_answer(&w, bytes, from, now) {
                 replies.push(Out {
                     index: i,
                     to: client,
@@ -493,7 +495,8 @@ enum Action {
     None,
 }
 
-fn on_query(w: &Worker, listener: u16, msg: &mut [u8], client: SocketAddr) -> Action {
+/// `now` is read once per batch: the datagrams of a batch arrived together.
+fn on_query(w: &Worker, listener: u16, msg: &mut [u8], client: SocketAddr, now: Instant) -> Action {
     let m = &w.shared.metrics;
     let q = match packet::parse_query(msg) {
         Ok(q) => q,
@@ -525,7 +528,7 @@ fn on_query(w: &Worker, listener: u16, msg: &mut [u8], client: SocketAddr) -> Ac
         .udp
         .table
         .borrow_mut()
-        .insert(Instant::now(), tun.query_timeout_ms, origin, backend);
+        .insert(now, tun.query_timeout_ms, origin, backend);
     let Some(id) = id else {
         m.drop_udp(Drop::IdsExhausted);
         return Action::Reply(packet::servfail_in_place(msg, q.question_end));
@@ -540,7 +543,12 @@ fn on_query(w: &Worker, listener: u16, msg: &mut [u8], client: SocketAddr) -> Ac
 
 /// Validates an answer and restores the client's ID in place; returns the listener and
 /// client it goes to.
-fn on_answer(w: &Worker, msg: &mut [u8], from: SocketAddr) -> Option<(u16, SocketAddr)> {
+fn on_answer(
+    w: &Worker,
+    msg: &mut [u8],
+    from: SocketAddr,
+    now: Instant,
+) -> Option<(u16, SocketAddr)> {
     let done = match w.udp.table.borrow_mut().answer(msg, from) {
         Ok(d) => d,
         Err(d) => {
@@ -550,7 +558,7 @@ fn on_answer(w: &Worker, msg: &mut [u8], from: SocketAddr) -> Option<(u16, Socke
     };
     packet::set_id(msg, done.client_id);
     done.backend
-        .on_response(packet::rcode(msg), done.sent.elapsed());
+        .on_response(packet::rcode(msg), now.saturating_duration_since(done.sent));
     Some((done.listener, done.client))
 }
 
