@@ -193,17 +193,7 @@ fn a_full_rollout_against_the_fake_linode_api() {
             "{b} in {privates:?}"
         );
     }
-    let out = common::run(
-        "dig",
-        &[
-            "@127.0.0.1",
-            "-p",
-            &s.lb.dns.port().to_string(),
-            "+short",
-            "www.example.test.",
-        ],
-    );
-    assert!(out.contains("192.0.2.20"), "{out}");
+    support::assert_answers_through(s.lb.dns);
     // What the API was asked to create.
     let creates: Vec<Value> = s
         .api

@@ -15,6 +15,17 @@ use common::{config as lb_config, Dnslb};
 use serde_json::Value;
 use support::repo;
 
+/// The rollout steps as the progress lines name them.
+const STEPS: [&str; 7] = [
+    "1/7 create",
+    "2/7 provision",
+    "3/7 verify",
+    "4/7 swap",
+    "5/7 bake",
+    "6/7 delete-old",
+    "7/7 rename",
+];
+
 /// A deployer setup: a temp dir with deployer.toml and a dnslb without backends.
 struct Setup {
     dir: tempfile::TempDir,
@@ -160,17 +171,7 @@ bake_s = 1
                 "server on {port} answers: {out}"
             );
         }
-        let out = common::run(
-            "dig",
-            &[
-                "@127.0.0.1",
-                "-p",
-                &self.lb.dns.port().to_string(),
-                "+short",
-                "www.example.test.",
-            ],
-        );
-        assert!(out.contains("192.0.2.20"), "{out}");
+        support::assert_answers_through(self.lb.dns);
         inst
     }
 }
@@ -201,28 +202,12 @@ fn start_load(dns: std::net::SocketAddr, dir: &Path) -> Load {
                 .args(["-l", "3", "-Q", "1500", "-c", "2", "-t", "3"])
                 .output()
                 .expect("dnsperf is installed");
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let num = |key: &str| -> u64 {
-                text.lines()
-                    .find_map(|l| l.trim().strip_prefix(key))
-                    .and_then(|r| r.split_whitespace().next())
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or_else(|| panic!("{key} in {text}"))
-            };
-            sent += num("Queries sent:");
-            lost += num("Queries lost:");
-            if let Some(l) = text.lines().find(|l| l.contains("Response codes:")) {
-                if let Some(sf) = l.split("SERVFAIL ").nth(1) {
-                    servfail += sf
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .parse::<u64>()
-                        .unwrap();
-                }
-                log.push_str(l);
-                log.push('\n');
-            }
+            let r = common::dnsperf_summary(&String::from_utf8_lossy(&out.stdout));
+            sent += r.sent;
+            lost += r.lost;
+            servfail += r.servfail;
+            log.push_str(&r.codes);
+            log.push('\n');
         }
         (sent, lost, servfail, log)
     });
@@ -258,15 +243,7 @@ fn bootstrap_then_rollout_under_steady_load_loses_no_query() {
     load.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (sent, lost, servfail, log) = load.handle.join().unwrap();
     assert!(out.status.success(), "{stderr}");
-    for step in [
-        "1/7 create",
-        "2/7 provision",
-        "3/7 verify",
-        "4/7 swap",
-        "5/7 bake",
-        "6/7 delete-old",
-        "7/7 rename",
-    ] {
+    for step in STEPS {
         assert!(
             stderr
                 .lines()
@@ -366,15 +343,7 @@ fn a_deployer_killed_after_any_step_is_finished_by_the_next_rollout() {
     let s = Setup::new("");
     s.ok(&["bootstrap"]);
     s.assert_converged();
-    for step in [
-        "1/7 create",
-        "2/7 provision",
-        "3/7 verify",
-        "4/7 swap",
-        "5/7 bake",
-        "6/7 delete-old",
-        "7/7 rename",
-    ] {
+    for step in STEPS {
         rollout_killed_after(&s, step);
         let st = s.status();
         if step != "7/7 rename" {

@@ -395,28 +395,6 @@ fn metrics_expose_backends_drops_connections_and_generation() {
     assert!(value(m::QUERIES, &["udp"]) >= 40.0);
 }
 
-/// dnsperf's summary numbers.
-fn dnsperf_summary(out: &str) -> (u64, u64, u64, String) {
-    let num = |key: &str| -> u64 {
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix(key))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{key} in dnsperf output:\n{out}"))
-    };
-    let codes = out
-        .lines()
-        .find(|l| l.contains("Response codes:"))
-        .unwrap_or("")
-        .to_string();
-    (
-        num("Queries sent:"),
-        num("Queries completed:"),
-        num("Queries lost:"),
-        codes,
-    )
-}
-
 #[test]
 fn forty_swaps_under_steady_dnsperf_load_lose_nothing() {
     let a = [Named::start(), Named::start()];
@@ -460,7 +438,13 @@ fn forty_swaps_under_steady_dnsperf_load_lose_nothing() {
     let out = perf.join().unwrap().expect("dnsperf is installed");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     eprintln!("{text}");
-    let (sent, completed, lost, codes) = dnsperf_summary(&text);
+    let Dnsperf {
+        sent,
+        completed,
+        lost,
+        codes,
+        ..
+    } = dnsperf_summary(&text);
     assert!(sent >= 30_000, "steady load: {text}");
     assert_eq!(lost, 0, "{text}");
     assert_eq!(completed, sent);

@@ -13,6 +13,22 @@ pub fn repo() -> PathBuf {
         .unwrap()
 }
 
+/// dig, through a load balancer, gets www.example.test's records.
+pub fn assert_answers_through(dns: std::net::SocketAddr) {
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &dns.port().to_string(),
+            "+short",
+            "www.example.test.",
+        ])
+        .output()
+        .expect("dig is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("192.0.2.20"), "dig through {dns}: {text}");
+}
+
 /// Runs `deployer --config <config>` with extra environment; output must never
 /// contain `secret`.
 pub struct Cli {

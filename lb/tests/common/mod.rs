@@ -430,3 +430,44 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// The summary numbers dnsperf prints.
+#[derive(Debug, Clone, Default)]
+pub struct Dnsperf {
+    pub sent: u64,
+    pub completed: u64,
+    pub lost: u64,
+    /// Answers with RCODE SERVFAIL.
+    pub servfail: u64,
+    /// The "Response codes:" line.
+    pub codes: String,
+}
+
+/// Parses dnsperf's output; panics (showing it) if a number is missing.
+pub fn dnsperf_summary(out: &str) -> Dnsperf {
+    let num = |key: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in dnsperf output:\n{out}"))
+    };
+    let codes = out
+        .lines()
+        .find(|l| l.contains("Response codes:"))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let servfail = codes
+        .split("SERVFAIL ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .map_or(0, |n| n.parse().expect("SERVFAIL count"));
+    Dnsperf {
+        sent: num("Queries sent:"),
+        completed: num("Queries completed:"),
+        lost: num("Queries lost:"),
+        servfail,
+        codes,
+    }
+}
