@@ -1,14 +1,14 @@
 //! Batched UDP system calls: `recvmmsg` to take every datagram waiting on a socket in
-//! one call, and `sendmmsg` to send several in one. This is the crate's only `unsafe`
-//! code, kept to the two small functions that fill the kernel's arrays; everything
-//! they touch is owned by the batch structs here. The benchmark in `bench/` is what
+//! one call, `sendmmsg` to send several in one, and the epoll instance a UDP worker
+//! sleeps in. This is the crate's only `unsafe` code, kept to the small functions that
+//! fill the kernel's arrays; everything they touch is owned by the structs here. The benchmark in `bench/` is what
 //! justifies it: per query it saves the `recvfrom` that returned EAGAIN, and under load
 //! it folds many datagrams into one system call each way.
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Datagrams received (and the room for them) in one `recvmmsg`.
 pub struct RecvBatch {
@@ -178,15 +178,91 @@ impl SendBatch {
     }
 }
 
-/// Registers a UDP socket with the runtime for readability only (no writable events:
-/// sends never wait).
-pub fn register_readable(
-    s: std::net::UdpSocket,
-) -> io::Result<tokio::io::unix::AsyncFd<std::net::UdpSocket>> {
-    // SAFETY: the AsyncFd takes ownership of the socket, whose descriptor stays open
-    // and refers to the same socket until the AsyncFd (and with it the socket) drops.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+/// A level-triggered epoll instance: what a UDP worker thread sleeps in. Each
+/// registered descriptor carries a token that `wait` hands back when it is readable.
+/// Registration is for readability only: sends never wait (a full socket buffer drops
+/// the datagram, counted), so no writable event ever wakes the worker.
+pub struct Poller {
+    epoll: OwnedFd,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Poller {
+    /// A new, empty epoll instance.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain system call; the result is checked before use.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Poller {
+            // SAFETY: `fd` was just returned by epoll_create1 and is owned by no one else.
+            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            // SAFETY: epoll_event is a plain C struct; all-zero bytes are valid.
+            events: (0..16).map(|_| unsafe { zeroed() }).collect(),
+        })
+    }
+
+    /// Wakes `wait` with `token` whenever `fd` is readable. The caller keeps `fd` open
+    /// while it is registered.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: `ev` is a valid epoll_event that outlives the call.
+        let r =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: EPOLL_CTL_DEL ignores the event pointer (null is allowed since 2.6.9).
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sleeps until a registered descriptor is readable or `timeout` passes; appends
+    /// the tokens of the readable ones to `ready` (cleared first). A signal counts as
+    /// a timeout.
+    pub fn wait(&mut self, ready: &mut Vec<u64>, timeout: std::time::Duration) -> io::Result<()> {
+        ready.clear();
+        // Rounded up, so a deadline is never woken for just before it passes.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: `events` is a live buffer of the length passed.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                self.events.len() as i32,
+                ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        ready.extend(self.events[..n as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
 }
 
 fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {

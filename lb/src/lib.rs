@@ -8,7 +8,7 @@
 //! - [`backends`] — the backend set (one `ArcSwap<Snapshot>`, serialized writers),
 //!   per-backend runtime (health, in-flight counts) and the selection policies.
 //! - `udp` — the UDP path: per-worker sockets and the in-flight ID table.
-//! - [`batch`] — `recvmmsg`/`sendmmsg`, the crate's only `unsafe`.
+//! - [`batch`] — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
 //! - `tcp` — the TCP path (RFC 7766): pipelined client connections, pooled backend
 //!   connections.
 //! - [`health`] — active health checks.

@@ -1,7 +1,7 @@
 //! Start-up, reload and shutdown. [`Server::start`] loads the backend set (state file
-//! first, `[[backend]]` as the seed), starts one data-plane worker thread per CPU
-//! (each a single-threaded runtime that owns its sockets), the health checker and the
-//! admin API. [`Server::shutdown`] stops accepting, lets in-flight queries finish within
+//! first, `[[backend]]` as the seed), starts the data plane (per worker, one UDP thread
+//! sleeping in its own epoll loop and one TCP thread running a single-threaded
+//! runtime; each owns its sockets), the health checker and the admin API. [`Server::shutdown`] stops accepting, lets in-flight queries finish within
 //! the grace period, then stops the admin API.
 
 use std::cell::RefCell;
@@ -20,11 +20,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::backends::{BackendSet, Member, Picker, SetError};
 use crate::config::{Config, HealthConfig, Policy};
-use crate::sockets::{Listeners, WorkerSockets};
+use crate::sockets::Listeners;
 use crate::state::{self, StateFile};
 use crate::{admin, health, metrics, tcp, udp};
 
-/// How often a worker expires timed-out queries and picks up reloaded tunables.
+/// How often a TCP worker prunes idle backend connections and picks up reloaded tunables.
 const TICK: Duration = Duration::from_millis(50);
 
 /// Settings that SIGHUP may change while traffic flows.
@@ -94,10 +94,9 @@ impl Shared {
     }
 }
 
-/// One data-plane worker: everything its thread owns.
+/// One TCP data-plane worker: everything its thread owns.
 pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) udp: udp::Udp,
     pub(crate) tcp: tcp::Tcp,
     pub(crate) picker: RefCell<Picker>,
     tunables: RefCell<Rc<Tunables>>,
@@ -150,6 +149,7 @@ pub struct Server {
         std::thread::JoinHandle<()>,
         oneshot::Receiver<io::Result<()>>,
     )>,
+    udp_controls: Vec<Arc<udp::Control>>,
     background: CancellationToken,
     admin: tokio::task::JoinHandle<()>,
     health: tokio::task::JoinHandle<()>,
@@ -234,23 +234,57 @@ impl Server {
         let hard_stop = CancellationToken::new();
         let fatal = CancellationToken::new();
         let mut workers = Vec::new();
+        let mut udp_controls = Vec::new();
         for (i, sockets) in listeners.workers.into_iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            let control = udp::Control::new().map_err(StartError::Worker)?;
+            // The worker's buffers hold raw pointers for the kernel, so it is built on
+            // its own thread; start-up waits to hear that it was.
+            let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
+            let handle = {
+                let (control, fatal, shared) = (control.clone(), fatal.clone(), shared.clone());
+                let (udp_sockets, buffer) = (sockets.udp, config.server.udp_socket_buffer);
+                std::thread::Builder::new()
+                    .name(format!("dnslb-udp-{i}"))
+                    .spawn(move || {
+                        let udp_worker = match udp::UdpWorker::new(shared, udp_sockets, buffer) {
+                            Ok(w) => {
+                                let _ = built_tx.send(Ok(()));
+                                w
+                            }
+                            Err(e) => {
+                                let _ = built_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        let result = udp_worker.run(&control);
+                        if let Err(e) = &result {
+                            tracing::error!("UDP worker failing: {e}");
+                            fatal.cancel();
+                        }
+                        let _ = tx.send(result);
+                    })
+                    .map_err(StartError::Worker)?
+            };
+            built_rx
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("UDP worker thread died")))
+                .map_err(StartError::Worker)?;
+            workers.push((handle, rx));
+            udp_controls.push(control);
             let (tx, rx) = oneshot::channel();
             let shared = shared.clone();
             let (stop, hard, fatal) = (stop_accepting.clone(), hard_stop.clone(), fatal.clone());
-            let buffer = config.server.udp_socket_buffer;
+            let tcp = sockets.tcp;
             let handle = std::thread::Builder::new()
-                .name(format!("dnslb-worker-{i}"))
+                .name(format!("dnslb-tcp-{i}"))
                 .spawn(move || {
                     let result = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .and_then(|rt| {
                             let local = tokio::task::LocalSet::new();
-                            local.block_on(
-                                &rt,
-                                run_worker(shared, sockets, buffer, stop, hard, fatal),
-                            )
+                            local.block_on(&rt, run_tcp_worker(shared, tcp, stop, hard, fatal))
                         });
                     let _ = tx.send(result);
                 })
@@ -260,7 +294,7 @@ impl Server {
         for a in &dns_addrs {
             tracing::info!(
                 "listening for UDP and TCP on {a} ({} workers)",
-                workers.len()
+                udp_controls.len()
             );
         }
         let background = CancellationToken::new();
@@ -291,6 +325,7 @@ impl Server {
             hard_stop,
             fatal,
             workers,
+            udp_controls,
             background,
             admin,
             health,
@@ -354,6 +389,9 @@ impl Server {
     /// then stops health checks and the admin API.
     pub async fn shutdown(self) -> io::Result<()> {
         self.stop_accepting.cancel();
+        for c in &self.udp_controls {
+            c.drain();
+        }
         let started = Instant::now();
         let mut result = Ok(());
         for (handle, mut rx) in self.workers {
@@ -366,6 +404,9 @@ impl Server {
                         self.grace
                     );
                     self.hard_stop.cancel();
+                    for c in &self.udp_controls {
+                        c.hard_stop();
+                    }
                     rx.await
                 }
             };
@@ -396,23 +437,19 @@ pub async fn run(
     Ok(())
 }
 
-async fn run_worker(
+async fn run_tcp_worker(
     shared: Arc<Shared>,
-    sockets: WorkerSockets,
-    buffer: usize,
+    tcp_listeners: Vec<std::net::TcpListener>,
     stop_accepting: CancellationToken,
     hard_stop: CancellationToken,
     fatal: CancellationToken,
 ) -> io::Result<()> {
-    let udp_sockets = sockets.udp;
-    let tcp_listeners = sockets
-        .tcp
+    let tcp_listeners = tcp_listeners
         .into_iter()
         .map(tokio::net::TcpListener::from_std)
         .collect::<io::Result<Vec<_>>>()?;
     let tunables = Rc::new((**shared.tunables.load()).clone());
     let w = Rc::new(Worker {
-        udp: udp::Udp::new(udp_sockets, buffer)?,
         tcp: tcp::Tcp::new(tcp_listeners),
         picker: RefCell::new(Picker::default()),
         tunables: RefCell::new(tunables),
@@ -422,8 +459,7 @@ async fn run_worker(
     // Cancelled by a shutdown, or by this worker alone when it fails.
     let stop = stop_accepting.child_token();
     let mut listeners = JoinSet::new();
-    for i in 0..w.udp.listeners.len() {
-        listeners.spawn_local(udp::serve_listener(w.clone(), i, stop.clone()));
+    for i in 0..w.tcp.listeners.len() {
         listeners.spawn_local(tcp::serve_listener(
             w.clone(),
             i,
@@ -431,13 +467,9 @@ async fn run_worker(
             connections.clone(),
         ));
     }
-    // Answers keep flowing until the drain below is over.
-    let stop_answers = CancellationToken::new();
-    let mut answers = JoinSet::new();
-    answers.spawn_local(udp::serve_upstream(w.clone(), false, stop_answers.clone()));
-    answers.spawn_local(udp::serve_upstream(w.clone(), true, stop_answers.clone()));
+    let stop_ticks = CancellationToken::new();
     let ticker = {
-        let (w, stop) = (w.clone(), stop_answers.clone());
+        let (w, stop) = (w.clone(), stop_ticks.clone());
         tokio::task::spawn_local(async move {
             let mut tick = tokio::time::interval(TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -447,7 +479,6 @@ async fn run_worker(
                     _ = tick.tick() => {}
                 }
                 w.refresh();
-                udp::expire(&w, Instant::now());
                 w.tcp.prune();
             }
         })
@@ -461,38 +492,19 @@ async fn run_worker(
                 Ok(Ok(())) => io::Error::other("a listener stopped without being asked to"),
                 Err(e) => io::Error::other(e),
             });
-            tracing::error!("data-plane worker failing: {:?}", result);
-            fatal.cancel();
-            stop.cancel();
-        }
-        Some(r) = answers.join_next() => {
-            result = Err(match r {
-                Ok(Err(e)) => e,
-                Ok(Ok(())) => io::Error::other("an upstream socket stopped without being asked to"),
-                Err(e) => io::Error::other(e),
-            });
-            tracing::error!("data-plane worker failing: {:?}", result);
+            tracing::error!("TCP worker failing: {:?}", result);
             fatal.cancel();
             stop.cancel();
         }
     }
     while listeners.join_next().await.is_some() {}
     connections.close();
-    // Drain: UDP queries in flight get their answers (or time out), TCP connections
-    // finish the queries they have read.
-    loop {
-        if w.udp.table.borrow().live() == 0 && connections.is_empty() {
-            break;
-        }
-        tokio::select! {
-            _ = hard_stop.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-        }
+    // Drain: TCP connections finish the queries they have read.
+    tokio::select! {
+        _ = hard_stop.cancelled() => {}
+        _ = connections.wait() => {}
     }
-    let fall = w.tunables().fall;
-    w.udp.table.borrow_mut().clear(|d| d.abandon(fall));
-    stop_answers.cancel();
+    stop_ticks.cancel();
     let _ = ticker.await;
-    while answers.join_next().await.is_some() {}
     result
 }
