@@ -1,9 +1,10 @@
 //! Batched UDP system calls: `recvmmsg` to take every datagram waiting on a socket in
-//! one call, `sendmmsg` to send several in one, and the epoll instance a UDP worker
-//! sleeps in. This is the crate's only `unsafe` code, kept to the small functions that
-//! fill the kernel's arrays; everything they touch is owned by the structs here. The benchmark in `bench/` is what
-//! justifies it: per query it saves the `recvfrom` that returned EAGAIN, and under load
-//! it folds many datagrams into one system call each way.
+//! one call, `sendmmsg` to send several in one, the epoll instance a UDP worker
+//! sleeps in, and the registration of TCP streams with the runtime. This is the
+//! crate's only `unsafe` code, kept to the small functions that fill the kernel's
+//! arrays; everything they touch is owned by the structs here. The benchmark in
+//! `bench/` is what justifies it: per query it saves the `recvfrom` that returned
+//! EAGAIN, and under load it folds many datagrams into one system call each way.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -263,6 +264,16 @@ impl Poller {
         ready.extend(self.events[..n as usize].iter().map(|e| e.u64));
         Ok(())
     }
+}
+
+/// Registers a TCP stream with the runtime, for readiness that the caller clears
+/// itself (see `tcp::FrameReader::fill`).
+pub fn register_stream(
+    s: std::net::TcpStream,
+) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpStream>> {
+    // SAFETY: the AsyncFd takes ownership of the stream, whose descriptor stays open
+    // and refers to the same socket until the AsyncFd (and with it the stream) drops.
+    unsafe { tokio::io::unix::AsyncFd::register(s) }.map_err(|e| e.into_parts().1)
 }
 
 fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {

@@ -24,7 +24,8 @@ use crate::sockets::Listeners;
 use crate::state::{self, StateFile};
 use crate::{admin, health, metrics, tcp, udp};
 
-/// How often a TCP worker prunes idle backend connections and picks up reloaded tunables.
+/// How often a TCP worker expires timed-out queries, forgets closed backend connections
+/// and picks up reloaded tunables.
 const TICK: Duration = Duration::from_millis(50);
 
 /// Settings that SIGHUP may change while traffic flows.
@@ -479,7 +480,7 @@ async fn run_tcp_worker(
                     _ = tick.tick() => {}
                 }
                 w.refresh();
-                w.tcp.prune();
+                w.tcp.tick(Instant::now(), w.tunables().fall);
             }
         })
     };

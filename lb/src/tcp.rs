@@ -1,18 +1,29 @@
 //! The TCP path (RFC 7766). Each worker accepts on its own SO_REUSEPORT listeners.
-//! A client connection is read frame by frame; every query is forwarded concurrently,
-//! so pipelined queries are answered as their answers arrive, in any order, through
-//! one writer that coalesces responses into few writes.
 //!
-//! Towards backends each worker keeps a small pool of long-lived connections per
-//! backend address and pipelines queries on them with IDs of its own. A connection
-//! that dies with queries on it has them retried once on a fresh connection; an idle
-//! one is closed before BIND's own idle timeout would.
+//! Every query is forwarded as soon as its frame is read, so pipelined queries are
+//! answered as their answers arrive, in any order. Towards backends each worker keeps
+//! a small pool of long-lived connections per backend address and pipelines queries
+//! on them with IDs of its own.
+//!
+//! The work is done where the bytes arrive, without a task per query: a client
+//! connection's task reads whatever is buffered, turns every complete frame into a
+//! frame on a backend connection, and writes each touched backend connection once; a
+//! backend connection's task does the same with answers, writing each touched client
+//! once. Writes go straight to the socket (`try_write`); only what the socket does
+//! not take waits for a connection's writer task. At a fixed rate that is one read and
+//! one write per query each way, like a byte-splicing proxy, and under load many
+//! frames share each system call.
+//!
+//! A backend connection that dies with queries on it has them retried once on a fresh
+//! connection; a backend that refuses the connection is charged and its queries are
+//! retried on another backend. Queries past `query_timeout_ms` are expired by the
+//! worker's tick, which charges the backend; the client gets no answer, as over UDP.
 //!
 //! Limits: `tcp.max_connections` (over all workers), `max_inflight_per_connection`
 //! (reading pauses above it), `idle_timeout_ms` (no query in flight, or a frame half
 //! sent), `max_message_size` (larger length prefixes close the connection).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -20,9 +31,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use std::io::{Read, Write};
+
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,30 +58,40 @@ impl Tcp {
         }
     }
 
-    /// Forgets closed backend connections (run on the worker's tick).
-    pub(crate) fn prune(&self) {
+    /// Forgets closed backend connections and expires queries past their deadline,
+    /// charging their backends (run on the worker's tick).
+    pub(crate) fn tick(&self, now: Instant, fall: u32) {
+        let mut expired = Vec::new();
         self.pools.borrow_mut().retain(|_, v| {
             v.retain(|u| !u.closed.get());
+            for u in v.iter() {
+                let mut pending = u.pending.borrow_mut();
+                let ids: Vec<u16> = pending
+                    .iter()
+                    .filter(|(_, p)| p.deadline <= now)
+                    .map(|(&id, _)| id)
+                    .collect();
+                expired.extend(ids.into_iter().filter_map(|id| pending.remove(&id)));
+            }
             !v.is_empty()
         });
+        for p in expired {
+            p.backend.on_timeout(fall);
+            p.client.answered();
+        }
     }
 
     /// A connection to `addr` with room for one more query, opening one if allowed.
-    fn upstream(
-        &self,
-        addr: SocketAddr,
-        tun: &Tunables,
-        metrics: &crate::metrics::DataPlane,
-    ) -> Rc<Upstream> {
+    fn upstream(self: &Tcp, w: &Rc<Worker>, addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
         let mut pools = self.pools.borrow_mut();
         let pool = pools.entry(addr).or_default();
         pool.retain(|u| !u.closed.get());
-        let best = pool.iter().min_by_key(|u| u.pending.get()).cloned();
+        let best = pool.iter().min_by_key(|u| u.load()).cloned();
         match best {
-            Some(u) if u.pending.get() < tun.tcp.backend_pipeline => u,
+            Some(u) if u.load() < tun.tcp.backend_pipeline => u,
             Some(u) if pool.len() >= tun.tcp.backend_max_connections => u,
             _ => {
-                let u = Upstream::spawn(addr, tun, metrics.clone());
+                let u = Upstream::spawn(w, addr, tun);
                 pool.push(u.clone());
                 u
             }
@@ -122,341 +145,616 @@ pub(crate) async fn serve_listener(
     }
 }
 
-/// Outcome of reading one frame.
-enum Frame {
-    Message(Vec<u8>),
-    /// Clean end: EOF between frames, reset, idle timeout.
-    End,
-    Bad(Drop),
+/// A connection as the worker drives it: a std stream registered with the runtime, so
+/// that a short read can clear readiness itself instead of spending a `recv` on EAGAIN.
+type Stream = AsyncFd<std::net::TcpStream>;
+
+fn registered(s: TcpStream) -> io::Result<Rc<Stream>> {
+    let _ = s.set_nodelay(true);
+    Ok(Rc::new(crate::batch::register_stream(s.into_std()?)?))
 }
 
-/// Reads one length-prefixed message. Waiting for the first byte may last forever
-/// while `busy()` (queries in flight); otherwise `idle` ends the connection. Once a
-/// frame has started, all of it must arrive within `idle`.
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut BufReader<R>,
-    idle: Duration,
-    max: usize,
-    busy: impl Fn() -> bool,
-) -> Frame {
-    loop {
-        match timeout(idle, rd.fill_buf()).await {
-            Ok(Ok([])) | Ok(Err(_)) => return Frame::End,
-            Ok(Ok(_)) => break,
-            Err(_) if busy() => continue,
-            Err(_) => return Frame::End,
+/// Bytes waiting to be written to one connection. Whoever has something to send
+/// appends it and calls [`Outbox::flush`], which writes straight to the socket; what
+/// the socket does not take is left to the connection's writer task.
+struct Outbox {
+    buf: RefCell<Vec<u8>>,
+    /// Set once connected (backend connections queue while connecting).
+    stream: OnceCell<Rc<Stream>>,
+    /// Wakes the writer task: bytes are left over.
+    more: Notify,
+    /// The writer task emptied the buffer.
+    drained: Notify,
+    /// A write failed: the connection is dead.
+    failed: Cell<bool>,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            buf: RefCell::new(Vec::new()),
+            stream: OnceCell::new(),
+            more: Notify::new(),
+            drained: Notify::new(),
+            failed: Cell::new(false),
         }
     }
-    let body = async {
-        let len = usize::from(rd.read_u16().await?);
+
+    /// Appends one frame (length prefix, then `msg`); dropped if the connection died.
+    fn push(&self, msg: &[u8]) {
+        if self.failed.get() {
+            return;
+        }
+        let mut b = self.buf.borrow_mut();
+        b.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        b.extend_from_slice(msg);
+    }
+
+    /// Writes what it can without waiting. Returns false if bytes are left over.
+    fn write_now(&self) -> bool {
+        let Some(s) = self.stream.get() else {
+            return false;
+        };
+        let mut b = self.buf.borrow_mut();
+        while !b.is_empty() {
+            match s.get_ref().write(&b) {
+                Ok(n) => {
+                    b.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    tracing::trace!("tcp write failed: {e}");
+                    self.failed.set(true);
+                    b.clear();
+                    return true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Writes now; leaves what is left to the writer task.
+    fn flush(&self) {
+        if !self.write_now() && self.stream.get().is_some() {
+            self.more.notify_one();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.borrow().len()
+    }
+
+    /// The writer task: waits for leftovers and for the socket to take them.
+    async fn writer(self: Rc<Self>) {
+        loop {
+            self.more.notified().await;
+            while !self.write_now() {
+                let Some(s) = self.stream.get() else { break };
+                // Wait for room; a stale readiness is cleared by the write that
+                // meets EAGAIN.
+                match s.writable().await {
+                    Ok(mut g) => {
+                        let mut b = self.buf.borrow_mut();
+                        match g.try_io(|s| s.get_ref().write(&b)) {
+                            Ok(Ok(n)) => {
+                                b.drain(..n);
+                            }
+                            Ok(Err(_)) => self.failed.set(true),
+                            Err(_would_block) => {}
+                        }
+                    }
+                    Err(_) => self.failed.set(true),
+                }
+                if self.failed.get() {
+                    self.buf.borrow_mut().clear();
+                    break;
+                }
+            }
+            self.drained.notify_one();
+            if self.failed.get() {
+                return;
+            }
+        }
+    }
+}
+
+/// Answers waiting for a client that does not read pause its reading above this.
+const OUTBOX_LIMIT: usize = 256 * 1024;
+
+/// Reads length-prefixed frames from a stream into one growing buffer.
+struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// What the next buffered bytes hold.
+enum Next {
+    /// A whole frame at `buf[start..end]` (without its prefix).
+    Frame(usize, usize),
+    /// More bytes are needed.
+    Partial,
+    /// The length prefix is out of bounds.
+    Bad,
+}
+
+impl FrameReader {
+    fn new() -> Self {
+        FrameReader {
+            buf: vec![0; 16 * 1024],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn has_partial(&self) -> bool {
+        self.start < self.end
+    }
+
+    /// The next frame, if buffered whole; `max` bounds its length.
+    fn next(&mut self, max: usize) -> Next {
+        let avail = self.end - self.start;
+        if avail < 2 {
+            return Next::Partial;
+        }
+        let len = usize::from(u16::from_be_bytes([
+            self.buf[self.start],
+            self.buf[self.start + 1],
+        ]));
         if !(packet::HEADER_LEN..=max).contains(&len) {
-            return Ok(Err(Drop::BadLength));
+            return Next::Bad;
         }
-        let mut msg = vec![0u8; len];
-        rd.read_exact(&mut msg).await?;
-        Ok::<_, io::Error>(Ok(msg))
-    };
-    match timeout(idle, body).await {
-        Ok(Ok(Ok(msg))) => Frame::Message(msg),
-        Ok(Ok(Err(d))) => Frame::Bad(d),
-        Ok(Err(_)) | Err(_) => Frame::Bad(Drop::PartialFrame),
+        if avail < 2 + len {
+            return Next::Partial;
+        }
+        let at = self.start + 2;
+        self.start = at + len;
+        Next::Frame(at, at + len)
+    }
+
+    /// Reads what the socket has (after waiting for it). Ok(0) is EOF. A read that
+    /// leaves room in the buffer took everything queued, so readiness is cleared
+    /// without the `recv` that would return EAGAIN (data arriving meanwhile raises
+    /// a new readiness event, which the clear leaves alone).
+    async fn fill(&mut self, s: &Stream) -> io::Result<usize> {
+        self.make_room();
+        loop {
+            let mut g = s.readable().await?;
+            let room = self.buf.len() - self.end;
+            match g.try_io(|s| s.get_ref().read(&mut self.buf[self.end..])) {
+                Ok(Ok(n)) => {
+                    if n > 0 && n < room {
+                        g.clear_ready();
+                    }
+                    self.end += n;
+                    return Ok(n);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Moves a partial frame to the front when the room after it runs short, and grows
+    /// the buffer for a frame larger than it.
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            return;
+        }
+        let need = if self.end - self.start >= 2 {
+            2 + usize::from(u16::from_be_bytes([
+                self.buf[self.start],
+                self.buf[self.start + 1],
+            ]))
+        } else {
+            2
+        };
+        if self.buf.len() - self.start < need || self.buf.len() - self.end < 1024 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() < need.max(self.end + 1024) {
+                self.buf.resize(need.max(self.end + 1024), 0);
+            }
+        }
+    }
+
+    /// Everything read has been taken as frames.
+    fn drained(&self) -> bool {
+        self.start == self.end
     }
 }
 
-/// Writes frames from `rx` until every sender is gone, flushing only when no more are
-/// queued so that answers arriving together leave in one segment.
-async fn write_frames<W: AsyncWrite + Unpin>(
-    wr: W,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-) -> io::Result<()> {
-    let mut wr = BufWriter::with_capacity(16 * 1024, wr);
-    while let Some(msg) = rx.recv().await {
-        wr.write_all(&(msg.len() as u16).to_be_bytes()).await?;
-        wr.write_all(&msg).await?;
-        if rx.is_empty() {
-            wr.flush().await?;
-        }
+/// One client connection, shared by its task and the backend connections that hold
+/// its queries.
+struct Client {
+    out: Rc<Outbox>,
+    inflight: Cell<usize>,
+    /// Wakes the reader when a query is answered or expired.
+    progress: Notify,
+    /// On the list of clients to flush after the current batch.
+    queued: Cell<bool>,
+}
+
+impl Client {
+    /// One of its queries is finished (answered, expired or given up).
+    fn answered(&self) {
+        self.inflight.set(self.inflight.get().saturating_sub(1));
+        self.progress.notify_one();
     }
-    wr.flush().await?;
-    wr.into_inner().shutdown().await
 }
 
 async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationToken) {
     let tun = w.tunables();
-    let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(16 * 1024, rd);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::task::spawn_local(write_frames(wr, rx));
-    let max_inflight = tun.tcp.max_inflight_per_connection;
-    let inflight = Arc::new(Semaphore::new(max_inflight));
+    let Ok(stream) = registered(stream) else {
+        return;
+    };
+    let client = Rc::new(Client {
+        out: Rc::new(Outbox::new()),
+        inflight: Cell::new(0),
+        progress: Notify::new(),
+        queued: Cell::new(false),
+    });
+    let _ = client.out.stream.set(stream.clone());
+    let writer = tokio::task::spawn_local(client.out.clone().writer());
     let idle = Duration::from_millis(tun.tcp.idle_timeout_ms);
-    loop {
-        let busy = || inflight.available_permits() < max_inflight;
-        let frame = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            f = read_frame(&mut rd, idle, tun.tcp.max_message_size, busy) => f,
-        };
-        let msg = match frame {
-            Frame::Message(m) => m,
-            Frame::End => break,
-            Frame::Bad(d) => {
-                w.shared.metrics.drop_tcp(d);
-                break;
+    let max_inflight = tun.tcp.max_inflight_per_connection;
+    let mut rd = FrameReader::new();
+    let mut touched: Vec<Rc<Upstream>> = Vec::new();
+    // One timer for the connection's life, pushed back lazily: a read does not touch
+    // it, only its expiry looks at when the last read was.
+    let mut last_read = Instant::now();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    'read: loop {
+        // Take every whole frame buffered.
+        loop {
+            while client.inflight.get() >= max_inflight || client.out.len() > OUTBOX_LIMIT {
+                flush_upstreams(&mut touched);
+                if client.out.failed.get() {
+                    break 'read;
+                }
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break 'read,
+                    _ = client.progress.notified() => {}
+                    _ = client.out.drained.notified() => {}
+                }
+            }
+            match rd.next(tun.tcp.max_message_size) {
+                Next::Frame(a, b) => {
+                    if !on_query(w, &tun, &client, &mut rd.buf[a..b], &mut touched) {
+                        break 'read;
+                    }
+                }
+                Next::Partial => break,
+                Next::Bad => {
+                    w.shared.metrics.drop_tcp(Drop::BadLength);
+                    break 'read;
+                }
+            }
+        }
+        flush_upstreams(&mut touched);
+        if client.out.failed.get() {
+            break;
+        }
+        // Wait for more. With queries in flight the connection may stay quiet for
+        // as long as it likes; otherwise `idle` ends it, and a frame half sent must
+        // be finished within `idle`.
+        let read = loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break 'read,
+                r = rd.fill(&stream) => break r,
+                _ = &mut idle_timer => {
+                    let quiet_until = last_read + idle;
+                    if quiet_until > Instant::now() {
+                        idle_timer.as_mut().reset(quiet_until.into());
+                        continue;
+                    }
+                    if rd.has_partial() {
+                        w.shared.metrics.drop_tcp(Drop::PartialFrame);
+                        break 'read;
+                    }
+                    if client.inflight.get() > 0 {
+                        idle_timer.as_mut().reset((Instant::now() + idle).into());
+                        continue;
+                    }
+                    break 'read;
+                }
             }
         };
-        w.shared.metrics.queries_tcp.increment(1);
-        let q = match packet::parse_query(&msg) {
-            Ok(q) => q,
-            Err(d) => {
-                // Garbage on a stream loses the framing: close this connection only.
-                w.shared.metrics.drop_tcp(d);
+        last_read = Instant::now();
+        match read {
+            Ok(0) => {
+                if rd.has_partial() {
+                    w.shared.metrics.drop_tcp(Drop::PartialFrame);
+                }
                 break;
             }
-        };
-        let permit: OwnedSemaphorePermit = match inflight.clone().acquire_owned().await {
-            Ok(p) => p,
+            Ok(_) => {}
             Err(_) => break,
-        };
-        let w2 = w.clone();
-        let tx2 = tx.clone();
-        tokio::task::spawn_local(async move {
-            if let Some(resp) = forward(&w2, msg, q).await {
-                let _ = tx2.send(resp);
-            }
-            drop(permit);
-        });
+        }
     }
-    // Let the queries in flight finish; the writer ends when the last sender is gone.
-    drop(tx);
-    if let Err(e) = writer.await.unwrap_or_else(|e| Err(io::Error::other(e))) {
-        tracing::trace!("tcp write to client failed: {e}");
+    flush_upstreams(&mut touched);
+    // Let the queries in flight finish (answered, or expired by the tick), then send
+    // what is left and close.
+    while client.inflight.get() > 0 && !client.out.failed.get() {
+        client.progress.notified().await;
+    }
+    if client.out.len() > 0 && !client.out.failed.get() {
+        client.out.flush();
+        while client.out.len() > 0 && !client.out.failed.get() {
+            client.out.drained.notified().await;
+        }
+    }
+    writer.abort();
+    let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
+}
+
+fn flush_upstreams(touched: &mut Vec<Rc<Upstream>>) {
+    for u in touched.drain(..) {
+        u.queued.set(false);
+        u.out.flush();
     }
 }
 
-/// Sends one query to a backend and returns the answer with the client's ID, a
-/// SERVFAIL if no backend is usable, or `None` if the query timed out.
-async fn forward(w: &Rc<Worker>, mut msg: Vec<u8>, q: packet::Query) -> Option<Vec<u8>> {
-    let tun = w.tunables();
-    let mut backend: Arc<BackendRuntime> = {
+/// Handles one query frame of a client. Returns false if the connection must close.
+fn on_query(
+    w: &Rc<Worker>,
+    tun: &Tunables,
+    client: &Rc<Client>,
+    msg: &mut [u8],
+    touched: &mut Vec<Rc<Upstream>>,
+) -> bool {
+    w.shared.metrics.queries_tcp.increment(1);
+    let q = match packet::parse_query(msg) {
+        Ok(q) => q,
+        Err(d) => {
+            // Garbage on a stream loses the framing: close this connection only.
+            w.shared.metrics.drop_tcp(d);
+            return false;
+        }
+    };
+    let backend = {
         let snap = w.shared.set.load();
-        let picked = snap.pick(tun.policy, &mut w.picker.borrow_mut());
-        match picked {
+        match snap.pick(tun.policy, &mut w.picker.borrow_mut()) {
             Some(e) => e.runtime.clone(),
             None => {
                 w.shared.metrics.no_backend_tcp.increment(1);
-                let n = packet::servfail_in_place(&mut msg, q.question_end);
-                msg.truncate(n);
-                return Some(msg);
+                let n = packet::servfail_in_place(msg, q.question_end);
+                client.out.push(&msg[..n]);
+                client.out.flush();
+                return true;
             }
         }
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(tun.query_timeout_ms);
-    backend.on_forward();
-    let mut sent = Instant::now();
-    for attempt in 0..2 {
-        let up = w.tcp.upstream(backend.address, &tun, &w.shared.metrics);
-        match up.query(msg.clone(), q.key, deadline).await {
-            Ok(mut resp) => {
-                packet::set_id(&mut resp, q.id);
-                backend.on_response(packet::rcode(&resp), sent.elapsed());
-                return Some(resp);
-            }
-            Err(UpError::Lost) if attempt == 0 => {
-                if up.connected.get() {
-                    continue; // an open connection closed (idle, reset): retry on a new one
-                }
-                // The backend refused the connection: charge it (passive health) and
-                // retry the query on another backend, if there is one.
-                let snap = w.shared.set.load();
-                let other = snap
-                    .pick_other(tun.policy, &mut w.picker.borrow_mut(), backend.address)
-                    .map(|e| e.runtime.clone());
-                if let Some(other) = other {
-                    backend.on_timeout(tun.fall);
-                    backend = other;
-                    backend.on_forward();
-                    sent = Instant::now();
-                }
-            }
-            Err(_) => break,
-        }
+    client.inflight.set(client.inflight.get() + 1);
+    let now = Instant::now();
+    let p = Pending {
+        client: client.clone(),
+        client_id: q.id,
+        key: q.key,
+        backend,
+        sent: now,
+        deadline: now + Duration::from_millis(tun.query_timeout_ms),
+        query: msg.to_vec(),
+        retried: false,
+    };
+    p.backend.on_forward();
+    send_upstream(w, tun, p, touched);
+    true
+}
+
+/// Queues a query on a connection to its backend (written when `touched` is flushed).
+fn send_upstream(w: &Rc<Worker>, tun: &Tunables, mut p: Pending, touched: &mut Vec<Rc<Upstream>>) {
+    let up = w.tcp.upstream(w, p.backend.address, tun);
+    let Some(id) = up.free_id() else {
+        // 65535 queries on one connection: give this one up.
+        p.backend.on_abandon();
+        p.client.answered();
+        return;
+    };
+    packet::set_id(&mut p.query, id);
+    up.out.push(&p.query);
+    up.pending.borrow_mut().insert(id, p);
+    if !up.queued.replace(true) {
+        touched.push(up);
     }
-    backend.on_timeout(tun.fall);
-    None
 }
 
-#[derive(Debug)]
-enum UpError {
-    /// The connection closed (or never opened) before the answer came.
-    Lost,
-    /// No answer by the deadline.
-    Timeout,
-}
-
-struct Request {
-    msg: Vec<u8>,
+/// A query on a backend connection, waiting for its answer.
+struct Pending {
+    client: Rc<Client>,
+    client_id: u16,
     key: QuestionKey,
-    reply: oneshot::Sender<Vec<u8>>,
+    backend: Arc<BackendRuntime>,
+    sent: Instant,
+    deadline: Instant,
+    /// The query as sent (kept for one retry).
+    query: Vec<u8>,
+    retried: bool,
 }
 
-/// A pipelined connection to one backend, driven by its own task.
+/// A pipelined connection to one backend: its reader task connects, then turns
+/// answers into client frames.
 struct Upstream {
-    tx: mpsc::UnboundedSender<Request>,
-    pending: Cell<usize>,
+    out: Rc<Outbox>,
+    pending: RefCell<HashMap<u16, Pending>>,
+    next_id: Cell<u16>,
     closed: Cell<bool>,
-    /// The connection was established (a loss after that is not a refusal).
-    connected: Cell<bool>,
+    queued: Cell<bool>,
 }
 
 impl Upstream {
-    fn spawn(addr: SocketAddr, tun: &Tunables, metrics: crate::metrics::DataPlane) -> Rc<Upstream> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn spawn(w: &Rc<Worker>, addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
         let up = Rc::new(Upstream {
-            tx,
-            pending: Cell::new(0),
+            out: Rc::new(Outbox::new()),
+            pending: RefCell::new(HashMap::new()),
+            next_id: Cell::new(fastrand::u16(..)),
             closed: Cell::new(false),
-            connected: Cell::new(false),
+            queued: Cell::new(false),
         });
         let connect_timeout = Duration::from_millis(tun.query_timeout_ms);
         let idle = Duration::from_millis(tun.tcp.backend_idle_timeout_ms);
         tokio::task::spawn_local(run_upstream(
+            w.clone(),
             up.clone(),
             addr,
-            rx,
             connect_timeout,
             idle,
-            metrics,
         ));
         up
     }
 
-    async fn query(
-        &self,
-        msg: Vec<u8>,
-        key: QuestionKey,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<u8>, UpError> {
-        let (reply, rx) = oneshot::channel();
-        self.pending.set(self.pending.get() + 1);
-        let result = if self.tx.send(Request { msg, key, reply }).is_err() {
-            Err(UpError::Lost)
-        } else {
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(_)) => Err(UpError::Lost),
-                Err(_) => Err(UpError::Timeout),
-            }
-        };
-        self.pending.set(self.pending.get() - 1);
-        result
+    /// Queries on it (pipelining depth).
+    fn load(&self) -> usize {
+        self.pending.borrow().len()
     }
-}
 
-struct InFlight {
-    key: QuestionKey,
-    reply: oneshot::Sender<Vec<u8>>,
+    fn free_id(&self) -> Option<u16> {
+        let map = self.pending.borrow();
+        if map.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        let mut id = self.next_id.get();
+        while map.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_id.set(id.wrapping_add(1));
+        Some(id)
+    }
 }
 
 async fn run_upstream(
+    w: Rc<Worker>,
     up: Rc<Upstream>,
     addr: SocketAddr,
-    mut rx: mpsc::UnboundedReceiver<Request>,
     connect_timeout: Duration,
     idle: Duration,
-    metrics: crate::metrics::DataPlane,
 ) {
-    let inflight: RefCell<HashMap<u16, InFlight>> = RefCell::new(HashMap::new());
-    if let Ok(Ok(stream)) = timeout(connect_timeout, TcpStream::connect(addr)).await {
-        up.connected.set(true);
-        let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
-        let writer = async {
-            let mut wr = BufWriter::with_capacity(16 * 1024, wr);
-            let mut next_id: u16 = fastrand::u16(..);
-            while let Some(mut req) = rx.recv().await {
-                if req.reply.is_closed() {
-                    continue;
-                }
-                let id = {
-                    let mut map = inflight.borrow_mut();
-                    if map.len() >= usize::from(u16::MAX) {
-                        continue; // dropping `reply` reports the query lost
-                    }
-                    while map.contains_key(&next_id) {
-                        next_id = next_id.wrapping_add(1);
-                    }
-                    let id = next_id;
-                    next_id = next_id.wrapping_add(1);
-                    map.insert(
-                        id,
-                        InFlight {
-                            key: req.key,
-                            reply: req.reply,
-                        },
-                    );
-                    id
-                };
-                packet::set_id(&mut req.msg, id);
-                wr.write_all(&(req.msg.len() as u16).to_be_bytes()).await?;
-                wr.write_all(&req.msg).await?;
-                if rx.is_empty() {
-                    wr.flush().await?;
-                }
-            }
-            Ok::<(), io::Error>(())
-        };
-        let reader = async {
-            let mut rd = BufReader::with_capacity(16 * 1024, rd);
-            let tick = idle.min(Duration::from_secs(1));
-            let last_busy = Cell::new(Instant::now());
-            loop {
-                // Forget queries whose client gave up; stay open while anything is in
-                // flight or queued, or traffic was recent.
-                let busy = || {
-                    let mut map = inflight.borrow_mut();
-                    map.retain(|_, f| !f.reply.is_closed());
-                    !map.is_empty() || up.pending.get() > 0 || last_busy.get().elapsed() < idle
-                };
-                let Frame::Message(msg) =
-                    read_frame(&mut rd, tick, packet::MAX_MESSAGE, busy).await
-                else {
-                    return;
-                };
-                last_busy.set(Instant::now());
-                let id = packet::id(&msg);
-                let mut map = inflight.borrow_mut();
-                if rd.buffer().is_empty() && map.len() > 1 {
-                    // Everything received is consumed and more answers are due: ACK at
-                    // once. Without this, delayed ACKs meet the backend's Nagle and
-                    // pipelined answers stall for milliseconds (BIND: 1k instead of
-                    // 35k qps). With nothing else due, the next query carries the ACK.
-                    let _ = socket2::SockRef::from(rd.get_ref().as_ref()).set_tcp_quickack(true);
-                }
-                let verdict = match map.get(&id) {
-                    None => Err(Drop::UnknownId),
-                    Some(f) => packet::response_matches(&msg, &f.key),
-                };
-                match verdict {
-                    Ok(()) => {
-                        let f = map.remove(&id).expect("checked");
-                        let _ = f.reply.send(msg);
-                    }
-                    Err(d) => metrics.drop_tcp(d),
-                }
-            }
-        };
-        tokio::select! {
-            r = writer => if let Err(e) = r { tracing::debug!(%addr, "backend tcp write failed: {e}") },
-            _ = reader => {},
+    let stream = match timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => registered(s).ok(),
+        _ => None,
+    };
+    let connected = match stream {
+        Some(stream) => {
+            let _ = up.out.stream.set(stream.clone());
+            let writer = tokio::task::spawn_local(up.out.clone().writer());
+            up.out.flush();
+            read_answers(&w, &up, &stream, idle).await;
+            writer.abort();
+            true
         }
-    } else {
-        tracing::debug!(%addr, "backend tcp connect failed");
-    }
-    // Closed: new queries go elsewhere; queued and in-flight ones are reported lost
-    // (their replies are dropped) so the caller retries once on a fresh connection.
+        None => {
+            tracing::debug!(%addr, "backend tcp connect failed");
+            false
+        }
+    };
+    // Closed: new queries go elsewhere. The ones on it get one retry: on a fresh
+    // connection if this one had been open (idle close, reset), on another backend if
+    // it was refused (the backend is charged).
     up.closed.set(true);
-    rx.close();
-    while rx.try_recv().is_ok() {}
-    inflight.borrow_mut().clear();
+    let lost: Vec<Pending> = up.pending.borrow_mut().drain().map(|(_, p)| p).collect();
+    let tun = w.tunables();
+    let mut touched = Vec::new();
+    for mut p in lost {
+        if p.retried {
+            p.backend.on_timeout(tun.fall);
+            p.client.answered();
+            continue;
+        }
+        p.retried = true;
+        if !connected {
+            let other = w
+                .shared
+                .set
+                .load()
+                .pick_other(tun.policy, &mut w.picker.borrow_mut(), addr)
+                .map(|e| e.runtime.clone());
+            if let Some(other) = other {
+                p.backend.on_timeout(tun.fall);
+                p.backend = other;
+                p.backend.on_forward();
+                p.sent = Instant::now();
+            }
+        }
+        send_upstream(&w, &tun, p, &mut touched);
+    }
+    flush_upstreams(&mut touched);
+}
+
+/// Reads answers until the connection closes, fails, or stays idle for `idle`.
+async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: Duration) {
+    let metrics = &w.shared.metrics;
+    let mut rd = FrameReader::new();
+    let mut clients: Vec<Rc<Client>> = Vec::new();
+    let tick = idle.min(Duration::from_secs(1));
+    let mut last_busy = Instant::now();
+    // One timer, re-armed only when it fires (see `serve_client`).
+    let idle_timer = tokio::time::sleep(tick);
+    tokio::pin!(idle_timer);
+    loop {
+        if up.out.failed.get() {
+            return;
+        }
+        tokio::select! {
+            r = rd.fill(stream) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            _ = &mut idle_timer => {
+                // Stay open while anything is in flight or traffic was recent.
+                if up.load() == 0 && last_busy.elapsed() >= idle {
+                    return;
+                }
+                idle_timer.as_mut().reset((Instant::now() + tick).into());
+                continue;
+            }
+        }
+        let now = Instant::now();
+        last_busy = now;
+        loop {
+            let (a, b) = match rd.next(packet::MAX_MESSAGE) {
+                Next::Frame(a, b) => (a, b),
+                Next::Partial => break,
+                Next::Bad => {
+                    metrics.drop_tcp(Drop::BadLength);
+                    return;
+                }
+            };
+            let msg = &mut rd.buf[a..b];
+            let id = packet::id(msg);
+            let verdict = match up.pending.borrow().get(&id) {
+                None => Err(Drop::UnknownId),
+                Some(p) => packet::response_matches(msg, &p.key),
+            };
+            if let Err(d) = verdict {
+                metrics.drop_tcp(d);
+                continue;
+            }
+            let p = up.pending.borrow_mut().remove(&id).expect("checked");
+            packet::set_id(msg, p.client_id);
+            p.backend
+                .on_response(packet::rcode(msg), now.saturating_duration_since(p.sent));
+            p.client.out.push(msg);
+            p.client.answered();
+            if !p.client.queued.replace(true) {
+                clients.push(p.client);
+            }
+        }
+        for c in clients.drain(..) {
+            c.queued.set(false);
+            c.out.flush();
+        }
+        if rd.drained() && up.load() > 0 {
+            // Everything received is consumed and more answers are due: ACK at
+            // once. Without this, delayed ACKs meet the backend's Nagle and
+            // pipelined answers stall for milliseconds (BIND: 1k instead of
+            // 35k qps). With nothing else due, the next query carries the ACK.
+            let _ = socket2::SockRef::from(stream.get_ref()).set_tcp_quickack(true);
+        }
+    }
 }

@@ -804,3 +804,45 @@ fn a_tcp_query_to_a_backend_that_refuses_connections_is_retried_on_another() {
     assert_eq!(m.response_code, ResponseCode::NoError);
     assert_eq!(m.answers.len(), 2);
 }
+
+#[test]
+fn a_tcp_client_at_its_inflight_cap_is_not_read_until_a_query_finishes() {
+    // UDP (health checks) reaches a real named; TCP on the same port accepts and reads
+    // queries but never answers, so they stay in flight until they time out.
+    let ns = Named::start();
+    let udp = slow_backend(ns.addr, Duration::ZERO);
+    let stall = std::net::TcpListener::bind(udp.addr).unwrap();
+    let forwarded = Arc::new(AtomicUsize::new(0));
+    let f2 = forwarded.clone();
+    std::thread::spawn(move || {
+        for s in stall.incoming() {
+            let (mut s, f) = (s.unwrap(), f2.clone());
+            std::thread::spawn(move || {
+                while read_frame(&mut s).is_ok() {
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let lb = Dnslb::start(&config(
+        &[("stall", udp.addr)],
+        "[balance]\nquery_timeout_ms = 600\n[tcp]\nmax_inflight_per_connection = 2\n",
+    ));
+    let mut c = TcpStream::connect(lb.dns).unwrap();
+    for _ in 0..6 {
+        write_frame(&mut c, &query("www.example.test.", RecordType::A, true)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        forwarded.load(Ordering::SeqCst),
+        2,
+        "two in flight: the other four wait unread"
+    );
+    // Each timeout frees room for one more: all six go out, two at a time.
+    assert!(eventually(Duration::from_secs(5), || forwarded
+        .load(Ordering::SeqCst)
+        == 6));
+    let b: serde_json::Value =
+        serde_json::from_str(&lb.http("GET", "/v1/backends/stall", None).1).unwrap();
+    assert!(b["timeouts_total"].as_u64().unwrap() >= 4, "{b}");
+}
