@@ -212,9 +212,12 @@ impl Default for Tcp {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Server {
-    /// Data-plane worker threads (each owns one SO_REUSEPORT socket per listener);
-    /// 0 means one per CPU.
+    /// UDP worker threads (each owns one SO_REUSEPORT socket per listener); 0 means
+    /// half the CPUs, at least one.
     pub workers: usize,
+    /// TCP worker threads (each owns one SO_REUSEPORT listener per listen address);
+    /// 0 means one per CPU.
+    pub tcp_workers: usize,
     /// On SIGTERM, how long in-flight queries may take to finish.
     pub shutdown_grace_ms: u64,
     /// SO_RCVBUF/SO_SNDBUF of every UDP socket.
@@ -225,6 +228,7 @@ impl Default for Server {
     fn default() -> Self {
         Server {
             workers: 0,
+            tcp_workers: 0,
             shutdown_grace_ms: 5000,
             udp_socket_buffer: 4 << 20,
         }
@@ -286,7 +290,12 @@ const SCHEMA: &[(&str, &[&str])] = &[
     ),
     (
         "server",
-        &["workers", "shutdown_grace_ms", "udp_socket_buffer"],
+        &[
+            "workers",
+            "tcp_workers",
+            "shutdown_grace_ms",
+            "udp_socket_buffer",
+        ],
     ),
     ("backend", &["name", "address", "weight"]),
 ];
@@ -423,6 +432,9 @@ impl Config {
         if self.server.workers > 256 {
             p.push("server.workers must be <= 256".into());
         }
+        if self.server.tcp_workers > 256 {
+            p.push("server.tcp_workers must be <= 256".into());
+        }
         p.extend(validate_backends(&self.backend));
         if !self.listen.admin.ip().is_loopback() && self.admin.token_file.is_none() {
             p.push(format!(
@@ -442,18 +454,34 @@ impl Config {
         Duration::from_millis(self.balance.query_timeout_ms)
     }
 
-    /// The worker count, resolving 0 to the number of CPUs.
+    /// UDP worker threads to start.
     pub fn worker_count(&self) -> usize {
         if self.server.workers > 0 {
             self.server.workers
         } else {
-            // A worker is two threads (UDP and TCP): half the CPUs keeps one data-plane
-            // thread per CPU. On two cores one worker also measured cheaper per query and
-            // faster at saturation than two (docs/benchmarks.md): queries and answers
-            // share wake-ups, and the backends keep a core.
-            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+            // Each UDP thread batches what arrives while it works, so fewer threads
+            // spend less per query. On the 2-core development machine one UDP thread
+            // measured cheaper per query and faster at saturation than two
+            // (docs/benchmarks.md); half the CPUs leaves the rest to the kernel's
+            // packet work, the TCP threads and, on a shared host, the backends.
+            cpus().div_ceil(2)
         }
     }
+
+    /// TCP worker threads to start. A TCP thread costs nothing while idle, and TCP
+    /// throughput measured higher with one per CPU.
+    pub fn tcp_worker_count(&self) -> usize {
+        if self.server.tcp_workers > 0 {
+            self.server.tcp_workers
+        } else {
+            cpus()
+        }
+    }
+}
+
+/// CPUs this process may use (affinity and cgroup quota count).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Rules shared by the config file and the admin API: names unique and sane, weights
@@ -569,6 +597,23 @@ mod tests {
                 "{needle} missing in {p:?}"
             );
         }
+    }
+
+    #[test]
+    fn udp_and_tcp_worker_counts_are_separate_and_bounded() {
+        let c =
+            Config::parse(&format!("{GOOD}\n[server]\nworkers = 3\ntcp_workers = 5\n")).unwrap();
+        assert_eq!((c.worker_count(), c.tcp_worker_count()), (3, 5));
+        let d = Config::parse(GOOD).unwrap();
+        assert!(d.worker_count() >= 1 && d.worker_count() <= d.tcp_worker_count());
+        let ConfigError::Invalid(p) = Config::parse(&format!(
+            "{GOOD}\n[server]\nworkers = 300\ntcp_workers = 257\n"
+        ))
+        .unwrap_err() else {
+            panic!()
+        };
+        assert!(p.iter().any(|m| m.contains("server.workers")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("server.tcp_workers")), "{p:?}");
     }
 
     #[test]

@@ -236,7 +236,8 @@ impl Server {
         let fatal = CancellationToken::new();
         let mut workers = Vec::new();
         let mut udp_controls = Vec::new();
-        for (i, sockets) in listeners.workers.into_iter().enumerate() {
+        let tcp_count = listeners.tcp.len();
+        for (i, udp_sockets) in listeners.udp.into_iter().enumerate() {
             let (tx, rx) = oneshot::channel();
             let control = udp::Control::new().map_err(StartError::Worker)?;
             // The worker's buffers hold raw pointers for the kernel, so it is built on
@@ -244,7 +245,7 @@ impl Server {
             let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
             let handle = {
                 let (control, fatal, shared) = (control.clone(), fatal.clone(), shared.clone());
-                let (udp_sockets, buffer) = (sockets.udp, config.server.udp_socket_buffer);
+                let buffer = config.server.udp_socket_buffer;
                 std::thread::Builder::new()
                     .name(format!("dnslb-udp-{i}"))
                     .spawn(move || {
@@ -273,10 +274,11 @@ impl Server {
                 .map_err(StartError::Worker)?;
             workers.push((handle, rx));
             udp_controls.push(control);
+        }
+        for (i, tcp) in listeners.tcp.into_iter().enumerate() {
             let (tx, rx) = oneshot::channel();
             let shared = shared.clone();
             let (stop, hard, fatal) = (stop_accepting.clone(), hard_stop.clone(), fatal.clone());
-            let tcp = sockets.tcp;
             let handle = std::thread::Builder::new()
                 .name(format!("dnslb-tcp-{i}"))
                 .spawn(move || {
@@ -294,7 +296,7 @@ impl Server {
         }
         for a in &dns_addrs {
             tracing::info!(
-                "listening for UDP and TCP on {a} ({} workers)",
+                "listening for UDP and TCP on {a} ({} UDP and {tcp_count} TCP workers)",
                 udp_controls.len()
             );
         }

@@ -1,7 +1,7 @@
 //! Binding the listening sockets. The caller binds (so tests can use port 0 and a
 //! systemd unit could pass sockets in); the server only reports the real addresses.
-//! Every `listen.dns` address gets one UDP socket and one TCP listener per worker,
-//! all with SO_REUSEPORT so the kernel spreads clients over the workers.
+//! Every `listen.dns` address gets one UDP socket per UDP worker and one TCP listener
+//! per TCP worker, all with SO_REUSEPORT so the kernel spreads clients over them.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -10,20 +10,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
 
-/// The sockets of one data-plane worker.
-#[derive(Debug)]
-pub struct WorkerSockets {
-    /// One per `listen.dns` address, in config order.
-    pub udp: Vec<UdpSocket>,
-    /// One per `listen.dns` address, in config order.
-    pub tcp: Vec<TcpListener>,
-}
-
 /// Every socket the server needs, bound.
 #[derive(Debug)]
 pub struct Listeners {
-    /// Per worker.
-    pub workers: Vec<WorkerSockets>,
+    /// Per UDP worker: one socket per `listen.dns` address, in config order.
+    pub udp: Vec<Vec<UdpSocket>>,
+    /// Per TCP worker: one listener per `listen.dns` address, in config order.
+    pub tcp: Vec<Vec<TcpListener>>,
     /// Admin API and metrics.
     pub admin: TcpListener,
 }
@@ -31,8 +24,7 @@ pub struct Listeners {
 impl Listeners {
     /// The DNS addresses actually bound (ports resolved), in config order.
     pub fn dns_addrs(&self) -> Vec<SocketAddr> {
-        self.workers[0]
-            .udp
+        self.udp[0]
             .iter()
             .map(|s| s.local_addr().expect("bound socket has an address"))
             .collect()
@@ -46,28 +38,26 @@ impl Listeners {
     }
 }
 
-/// Binds every listener of `config` for `config.worker_count()` workers. A port of 0
-/// is resolved once, by the first UDP socket, and the same port is used for TCP and
-/// for every other worker.
+/// Binds every listener of `config`: per `listen.dns` address one UDP socket per UDP
+/// worker and one TCP listener per TCP worker. A port of 0 is resolved once, by the
+/// first UDP socket, and the same port is used for TCP and for every other worker.
 pub fn bind(config: &Config) -> io::Result<Listeners> {
-    let workers = config.worker_count();
-    let mut out: Vec<WorkerSockets> = (0..workers)
-        .map(|_| WorkerSockets {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-        })
-        .collect();
+    let (udp_n, tcp_n) = (config.worker_count(), config.tcp_worker_count());
+    let mut udp: Vec<Vec<UdpSocket>> = (0..udp_n).map(|_| Vec::new()).collect();
+    let mut tcp: Vec<Vec<TcpListener>> = (0..tcp_n).map(|_| Vec::new()).collect();
     for &addr in &config.listen.dns {
         // With port 0 the kernel picks the UDP port; TCP may find it taken, so such an
         // address is retried with another port a few times.
         let attempts = if addr.port() == 0 { 20 } else { 1 };
         let mut last = None;
         for _ in 0..attempts {
-            match bind_address(addr, workers, config.server.udp_socket_buffer) {
-                Ok(per_worker) => {
-                    for (w, (udp, tcp)) in out.iter_mut().zip(per_worker) {
-                        w.udp.push(udp);
-                        w.tcp.push(tcp);
+            match bind_address(addr, udp_n, tcp_n, config.server.udp_socket_buffer) {
+                Ok((u, t)) => {
+                    for (w, s) in udp.iter_mut().zip(u) {
+                        w.push(s);
+                    }
+                    for (w, s) in tcp.iter_mut().zip(t) {
+                        w.push(s);
                     }
                     last = None;
                     break;
@@ -86,29 +76,31 @@ pub fn bind(config: &Config) -> io::Result<Listeners> {
         )
     })?;
     admin.set_nonblocking(true)?;
-    Ok(Listeners {
-        workers: out,
-        admin,
-    })
+    Ok(Listeners { udp, tcp, admin })
 }
 
-/// One UDP socket and one TCP listener per worker on `addr`, all on the same port.
+/// `udp_n` UDP sockets and `tcp_n` TCP listeners on `addr`, all on the same port.
+#[allow(clippy::type_complexity)]
 fn bind_address(
     addr: SocketAddr,
-    workers: usize,
+    udp_n: usize,
+    tcp_n: usize,
     buffer: usize,
-) -> io::Result<Vec<(UdpSocket, TcpListener)>> {
+) -> io::Result<(Vec<UdpSocket>, Vec<TcpListener>)> {
     let mut addr = addr;
-    let mut out = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let udp = bind_udp(addr, buffer)
+    let mut udp = Vec::with_capacity(udp_n);
+    for _ in 0..udp_n {
+        let s = bind_udp(addr, buffer)
             .map_err(|e| io::Error::new(e.kind(), format!("binding UDP {addr}: {e}")))?;
-        addr = udp.local_addr()?;
-        let tcp = bind_tcp(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("binding TCP {addr}: {e}")))?;
-        out.push((udp, tcp));
+        addr = s.local_addr()?;
+        udp.push(s);
     }
-    Ok(out)
+    let tcp = (0..tcp_n)
+        .map(|_| {
+            bind_tcp(addr).map_err(|e| io::Error::new(e.kind(), format!("binding TCP {addr}: {e}")))
+        })
+        .collect::<io::Result<_>>()?;
+    Ok((udp, tcp))
 }
 
 /// Sets SO_RCVBUF and SO_SNDBUF; the kernel may cap them (net.core.rmem_max), which is
