@@ -512,8 +512,8 @@ ratios within one run.
 
 - Backends: two `named -n 1` (one worker thread each) on 127.0.0.1:{B1} and :{B2}, serving
   `ansible/zones/example.test.zone`. "bind" is the first of them queried directly.
-- dnslb: release build, default workers (half the cores, at least one: each worker is
-  a UDP thread and a TCP thread), least-outstanding. dnsdist: one UDP listener (its
+- dnslb: release build, default threads (UDP: half the cores rounded up, so one here;
+  TCP: one per core), least-outstanding. dnsdist: one UDP listener (its
   default; measured faster here than two `reusePort` listeners), `leastOutstanding`,
   SOA health checks. nginx: 2 workers, `listen … udp reuseport`, `proxy_responses 1`,
   and a TCP server on the same port.
