@@ -171,7 +171,7 @@ def start_floor(procs, work):
         raise RuntimeError("no C compiler for bench/floor-relay.c")
     exe = os.path.join(work, "floor-relay")
     subprocess.run([cc, "-O2", "-o", exe, os.path.join(ROOT, "bench/floor-relay.c")], check=True)
-    p = procs.start("floor", [exe, str(PORTS["floor"]), str(B1)])
+    p = procs.start("floor", [exe, str(PORTS["floor"]), str(B1), str(B2)])
     wait_dns(PORTS["floor"])
     return [p.pid]
 
@@ -517,8 +517,8 @@ ratios within one run.
   default; measured faster here than two `reusePort` listeners), `leastOutstanding`,
   SOA health checks. nginx: 2 workers, `listen … udp reuseport`, `proxy_responses 1`,
   and a TCP server on the same port.
-- floor: `bench/floor-relay.c`, a 60-line single-threaded C relay (poll, recvfrom,
-  sendto; no parsing, no ID rewriting, one backend). It is what forwarding alone costs
+- floor: `bench/floor-relay.c`, a 70-line single-threaded C relay (poll, recvfrom,
+  sendto; no parsing, no ID rewriting; queries alternate between the two backends). It is what forwarding alone costs
   a separate process on this machine, and no proxy can be much cheaper per query.
 - UDP / TCP max: median of {a.rounds} runs of `{any_r['udp_cmd']}` (TCP: `{any_r['tcp_cmd']}`).
 - CPU µs/query: utime+stime of the target's processes (from /proc) over a {a.seconds} s

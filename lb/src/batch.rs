@@ -127,15 +127,17 @@ impl SendBatch {
     }
 
     /// Sends `count` datagrams, the `k`-th being `packet(k)` = (destination, bytes),
-    /// without blocking, in as few calls as the capacity allows. Returns how many
-    /// were sent, in order; the rest met a full socket buffer or an error (UDP: the
-    /// caller counts them as dropped).
+    /// without blocking, in as few calls as the capacity allows. `failed(k)` is called
+    /// for each one that was not sent (UDP: the caller counts it as dropped). A
+    /// destination the kernel refuses (no route, filtered) costs only its own
+    /// datagram; a full socket buffer drops the rest of the batch.
     pub fn send<'a>(
         &mut self,
         fd: RawFd,
         count: usize,
         packet: impl Fn(usize) -> (SocketAddr, &'a [u8]),
-    ) -> usize {
+        mut failed: impl FnMut(usize),
+    ) {
         let mut sent = 0;
         while sent < count {
             let chunk = (count - sent).min(self.hdrs.len());
@@ -167,15 +169,23 @@ impl SendBatch {
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
             };
-            if n <= 0 {
-                return sent;
+            if n > 0 {
+                // A short count means message `sent + n` failed; the next call
+                // starts with it and reports its error.
+                sent += n as usize;
+                continue;
             }
-            sent += n as usize;
-            if (n as usize) < chunk {
-                return sent;
+            let e = io::Error::last_os_error();
+            let full = n == 0
+                || matches!(e.kind(), io::ErrorKind::WouldBlock)
+                || e.raw_os_error() == Some(libc::ENOBUFS);
+            if full {
+                (sent..count).for_each(&mut failed);
+                return;
             }
+            failed(sent);
+            sent += 1;
         }
-        sent
     }
 }
 
@@ -344,13 +354,14 @@ mod tests {
         let to = rx.local_addr().unwrap();
         let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 10 + usize::from(i)]).collect();
         let mut send = SendBatch::new(8);
-        assert_eq!(
-            send.send(tx.as_raw_fd(), payloads.len(), |k| (
-                to,
-                payloads[k].as_slice()
-            )),
-            20
+        let mut failed = Vec::new();
+        send.send(
+            tx.as_raw_fd(),
+            payloads.len(),
+            |k| (to, payloads[k].as_slice()),
+            |k| failed.push(k),
         );
+        assert!(failed.is_empty(), "{failed:?}");
         let mut recv = RecvBatch::new(16, 64);
         let mut got = Vec::new();
         loop {
@@ -366,6 +377,31 @@ mod tests {
             }
         }
         assert_eq!(got, payloads);
+    }
+
+    #[test]
+    fn a_refused_destination_costs_only_its_own_datagram() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let good = rx.local_addr().unwrap();
+        // Port 0 is not a destination: the kernel refuses that one message (EINVAL).
+        let bad = SocketAddr::from(([127, 0, 0, 1], 0));
+        let to = [good, bad, good, bad, good];
+        let payloads: Vec<[u8; 12]> = (0..to.len()).map(|k| [k as u8; 12]).collect();
+        let mut send = SendBatch::new(8);
+        let mut failed = Vec::new();
+        send.send(
+            tx.as_raw_fd(),
+            to.len(),
+            |k| (to[k], &payloads[k][..]),
+            |k| failed.push(k),
+        );
+        assert_eq!(failed, vec![1, 3]);
+        let mut recv = RecvBatch::new(8, 64);
+        let n = recv.recv(rx.as_raw_fd()).unwrap();
+        let firsts: Vec<u8> = (0..n).map(|i| recv.get(i).0[0]).collect();
+        assert_eq!(firsts, vec![0, 2, 4]);
     }
 
     #[test]

@@ -504,7 +504,7 @@ async fn run_tcp_worker(
     connections.close();
     // Drain: TCP connections finish the queries they have read.
     tokio::select! {
-        _ = hard_stop.cancelled() => {}
+        _ = hard_stop.cancelled() => w.tcp.abandon_all(),
         _ = connections.wait() => {}
     }
     stop_ticks.cancel();

@@ -63,7 +63,7 @@ impl Tcp {
     pub(crate) fn tick(&self, now: Instant, fall: u32) {
         let mut expired = Vec::new();
         self.pools.borrow_mut().retain(|_, v| {
-            v.retain(|u| !u.closed.get());
+            v.retain(|u| !u.closed.get() && !u.out.failed.get());
             for u in v.iter() {
                 let mut pending = u.pending.borrow_mut();
                 let ids: Vec<u16> = pending
@@ -81,11 +81,33 @@ impl Tcp {
         }
     }
 
+    /// Gives up every query on a backend connection without charging its backend
+    /// (hard stop at the end of the grace period).
+    pub(crate) fn abandon_all(&self) {
+        let pending: Vec<Pending> = self
+            .pools
+            .borrow()
+            .values()
+            .flatten()
+            .flat_map(|u| {
+                u.pending
+                    .borrow_mut()
+                    .drain()
+                    .map(|(_, p)| p)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for p in pending {
+            p.backend.on_abandon();
+            p.client.answered();
+        }
+    }
+
     /// A connection to `addr` with room for one more query, opening one if allowed.
     fn upstream(self: &Tcp, w: &Rc<Worker>, addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
         let mut pools = self.pools.borrow_mut();
         let pool = pools.entry(addr).or_default();
-        pool.retain(|u| !u.closed.get());
+        pool.retain(|u| !u.closed.get() && !u.out.failed.get());
         let best = pool.iter().min_by_key(|u| u.load()).cloned();
         match best {
             Some(u) if u.load() < tun.tcp.backend_pipeline => u,
@@ -206,6 +228,8 @@ impl Outbox {
                     tracing::trace!("tcp write failed: {e}");
                     self.failed.set(true);
                     b.clear();
+                    // Whoever waits on this connection finds out now.
+                    self.drained.notify_one();
                     return true;
                 }
             }
@@ -404,23 +428,32 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
     let mut rd = FrameReader::new();
     let mut touched: Vec<Rc<Upstream>> = Vec::new();
     // One timer for the connection's life, pushed back lazily: a read does not touch
-    // it, only its expiry looks at when the last read was.
+    // it, only its expiry looks at when the last read was and when the frame still
+    // incomplete began.
     let mut last_read = Instant::now();
+    let mut partial_since: Option<Instant> = None;
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     'read: loop {
-        // Take every whole frame buffered.
+        // Take every whole frame buffered. A drain does not cut this short: queries
+        // already read are forwarded (room comes as answers arrive or queries expire).
         loop {
             while client.inflight.get() >= max_inflight || client.out.len() > OUTBOX_LIMIT {
                 flush_upstreams(&mut touched);
                 if client.out.failed.get() {
                     break 'read;
                 }
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break 'read,
-                    _ = client.progress.notified() => {}
-                    _ = client.out.drained.notified() => {}
+                let before = client.out.len();
+                let woke = timeout(idle, async {
+                    tokio::select! {
+                        _ = client.progress.notified() => {}
+                        _ = client.out.drained.notified() => {}
+                    }
+                })
+                .await;
+                if woke.is_err() && client.out.len() > OUTBOX_LIMIT && client.out.len() >= before {
+                    // The client has not read an answer for `idle`: it is gone.
+                    break 'read;
                 }
             }
             match rd.next(tun.tcp.max_message_size) {
@@ -440,26 +473,35 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
         if client.out.failed.get() {
             break;
         }
+        partial_since = match (rd.has_partial(), partial_since) {
+            (false, _) => None,
+            (true, None) => Some(last_read),
+            (true, started) => started,
+        };
         // Wait for more. With queries in flight the connection may stay quiet for
-        // as long as it likes; otherwise `idle` ends it, and a frame half sent must
-        // be finished within `idle`.
+        // as long as it likes; otherwise `idle` ends it, and a frame that has begun
+        // must be complete within `idle` of its first bytes.
         let read = loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break 'read,
                 r = rd.fill(&stream) => break r,
                 _ = &mut idle_timer => {
+                    let now = Instant::now();
+                    if let Some(started) = partial_since {
+                        if started + idle <= now {
+                            w.shared.metrics.drop_tcp(Drop::PartialFrame);
+                            break 'read;
+                        }
+                    }
                     let quiet_until = last_read + idle;
-                    if quiet_until > Instant::now() {
-                        idle_timer.as_mut().reset(quiet_until.into());
+                    let next = partial_since.map_or(quiet_until, |p| quiet_until.min(p + idle));
+                    if next > now {
+                        idle_timer.as_mut().reset(next.into());
                         continue;
                     }
-                    if rd.has_partial() {
-                        w.shared.metrics.drop_tcp(Drop::PartialFrame);
-                        break 'read;
-                    }
                     if client.inflight.get() > 0 {
-                        idle_timer.as_mut().reset((Instant::now() + idle).into());
+                        idle_timer.as_mut().reset((now + idle).into());
                         continue;
                     }
                     break 'read;
@@ -486,9 +528,13 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
     }
     if client.out.len() > 0 && !client.out.failed.get() {
         client.out.flush();
-        while client.out.len() > 0 && !client.out.failed.get() {
-            client.out.drained.notified().await;
-        }
+        // A client that stopped reading gets `idle` to take the rest.
+        let _ = timeout(idle, async {
+            while client.out.len() > 0 && !client.out.failed.get() {
+                client.out.drained.notified().await;
+            }
+        })
+        .await;
     }
     writer.abort();
     let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
@@ -655,11 +701,13 @@ async fn run_upstream(
     };
     // Closed: new queries go elsewhere. The ones on it get one retry: on a fresh
     // connection if this one had been open (idle close, reset), on another backend if
-    // it was refused (the backend is charged).
+    // it was refused. A refused connection charges its backend one timeout, however
+    // many queries were waiting for it.
     up.closed.set(true);
     let lost: Vec<Pending> = up.pending.borrow_mut().drain().map(|(_, p)| p).collect();
     let tun = w.tunables();
     let mut touched = Vec::new();
+    let mut charged = false;
     for mut p in lost {
         if p.retried {
             p.backend.on_timeout(tun.fall);
@@ -668,6 +716,12 @@ async fn run_upstream(
         }
         p.retried = true;
         if !connected {
+            if charged {
+                p.backend.on_abandon();
+            } else {
+                p.backend.on_timeout(tun.fall);
+                charged = true;
+            }
             let other = w
                 .shared
                 .set
@@ -675,11 +729,10 @@ async fn run_upstream(
                 .pick_other(tun.policy, &mut w.picker.borrow_mut(), addr)
                 .map(|e| e.runtime.clone());
             if let Some(other) = other {
-                p.backend.on_timeout(tun.fall);
                 p.backend = other;
-                p.backend.on_forward();
-                p.sent = Instant::now();
             }
+            p.backend.on_forward();
+            p.sent = Instant::now();
         }
         send_upstream(&w, &tun, p, &mut touched);
     }
@@ -705,6 +758,8 @@ async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: 
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             },
+            // A failed write (checked above) or leftovers written: look again.
+            _ = up.out.drained.notified() => continue,
             _ = &mut idle_timer => {
                 // Stay open while anything is in flight or traffic was recent.
                 if up.load() == 0 && last_busy.elapsed() >= idle {
@@ -716,13 +771,17 @@ async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: 
         }
         let now = Instant::now();
         last_busy = now;
+        let mut bad = false;
         loop {
             let (a, b) = match rd.next(packet::MAX_MESSAGE) {
                 Next::Frame(a, b) => (a, b),
                 Next::Partial => break,
                 Next::Bad => {
+                    // The stream has lost its framing: close it after sending the
+                    // answers already taken from it.
                     metrics.drop_tcp(Drop::BadLength);
-                    return;
+                    bad = true;
+                    break;
                 }
             };
             let msg = &mut rd.buf[a..b];
@@ -748,6 +807,9 @@ async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: 
         for c in clients.drain(..) {
             c.queued.set(false);
             c.out.flush();
+        }
+        if bad {
+            return;
         }
         if rd.drained() && up.load() > 0 {
             // Everything received is consumed and more answers are due: ACK at

@@ -308,8 +308,16 @@ impl UdpWorker {
     }
 
     /// Serves until `control` says stop and the drain is over. An error means the
-    /// worker can no longer serve (its sockets failed).
+    /// worker can no longer serve (its sockets failed). Either way, queries still in
+    /// flight are given up without charging their backends.
     pub(crate) fn run(mut self, control: &Control) -> io::Result<()> {
+        let result = self.serve(control);
+        let fall = self.tunables.fall;
+        self.table.clear(|d| d.abandon(fall));
+        result
+    }
+
+    fn serve(&mut self, control: &Control) -> io::Result<()> {
         let mut poller = Poller::new()?;
         for (i, l) in self.listeners.iter().enumerate() {
             poller.add(l.as_raw_fd(), i as u64)?;
@@ -365,8 +373,6 @@ impl UdpWorker {
                 }
             }
         }
-        let fall = self.tunables.fall;
-        self.table.clear(|d| d.abandon(fall));
         Ok(())
     }
 
@@ -429,31 +435,30 @@ impl UdpWorker {
                 if outs.is_empty() {
                     continue;
                 }
-                let Some(up) = self.upstream(v6) else {
+                let Some(fd) = self.upstream(v6).map(|s| s.as_raw_fd()) else {
                     continue;
                 };
-                let batch = &self.queries;
-                let sent = self.send.send(up.as_raw_fd(), outs.len(), |k| {
-                    (outs[k].to, batch.bytes(outs[k].index, outs[k].len))
-                });
-                for o in &outs[sent..] {
-                    // Never left: free the slot without charging the backend.
-                    let done = self.table.release(o.via);
-                    done.backend.on_abandon();
-                    self.shared.metrics.drop_udp(Drop::SendFailed);
-                }
+                let (batch, table, shared) = (&self.queries, &mut self.table, &self.shared);
+                self.send.send(
+                    fd,
+                    outs.len(),
+                    |k| (outs[k].to, batch.bytes(outs[k].index, outs[k].len)),
+                    |k| {
+                        // Never left: free the slot without charging the backend.
+                        table.release(outs[k].via).backend.on_abandon();
+                        shared.metrics.drop_udp(Drop::SendFailed);
+                    },
+                );
             }
             let back = &self.out[2];
             if !back.is_empty() {
-                let batch = &self.queries;
-                let sent = self
-                    .send
-                    .send(self.listeners[index].as_raw_fd(), back.len(), |k| {
-                        (back[k].to, batch.bytes(back[k].index, back[k].len))
-                    });
-                for _ in sent..back.len() {
-                    self.shared.metrics.drop_udp(Drop::SendFailed);
-                }
+                let (batch, shared) = (&self.queries, &self.shared);
+                self.send.send(
+                    self.listeners[index].as_raw_fd(),
+                    back.len(),
+                    |k| (back[k].to, batch.bytes(back[k].index, back[k].len)),
+                    |_| shared.metrics.drop_udp(Drop::SendFailed),
+                );
             }
             if n < self.queries.capacity() {
                 break;
@@ -495,14 +500,14 @@ impl UdpWorker {
             while let Some(first) = rest.first().map(|o| o.via) {
                 let split = partition(rest, |o| o.via == first);
                 let (group, tail) = rest.split_at_mut(split);
-                let batch = &self.answers;
+                let (batch, shared) = (&self.answers, &self.shared);
                 let fd = self.listeners[usize::from(first)].as_raw_fd();
-                let sent = self.send.send(fd, group.len(), |k| {
-                    (group[k].to, batch.bytes(group[k].index, group[k].len))
-                });
-                for _ in sent..group.len() {
-                    self.shared.metrics.drop_udp(Drop::SendFailed);
-                }
+                self.send.send(
+                    fd,
+                    group.len(),
+                    |k| (group[k].to, batch.bytes(group[k].index, group[k].len)),
+                    |_| shared.metrics.drop_udp(Drop::SendFailed),
+                );
                 rest = tail;
             }
             if n < self.answers.capacity() {

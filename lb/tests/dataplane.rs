@@ -846,3 +846,72 @@ fn a_tcp_client_at_its_inflight_cap_is_not_read_until_a_query_finishes() {
         serde_json::from_str(&lb.http("GET", "/v1/backends/stall", None).1).unwrap();
     assert!(b["timeouts_total"].as_u64().unwrap() >= 4, "{b}");
 }
+
+#[test]
+fn a_frame_sent_a_byte_at_a_time_must_still_finish_within_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns.addr)],
+        "[tcp]\nidle_timeout_ms = 400\n",
+    ));
+    let q = query("www.example.test.", RecordType::A, true);
+    let mut frame = (q.len() as u16).to_be_bytes().to_vec();
+    frame.extend_from_slice(&q);
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let start = Instant::now();
+    let mut b = [0u8; 64];
+    // One byte every 150 ms: each read is recent, but the frame is never finished.
+    for byte in &frame {
+        if s.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        if matches!(s.read(&mut b), Ok(0)) {
+            break;
+        }
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the half-sent frame kept the connection open for {took:?}"
+    );
+    let m = scrape(&lb);
+    assert!(
+        metric(&m, dnslb::metrics::DROPPED, &[("reason", "partial_frame")]) >= 1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn a_client_that_never_reads_its_answers_does_not_keep_its_connection() {
+    use std::io::Write;
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns.addr)],
+        "[tcp]\nidle_timeout_ms = 300\nmax_connections = 1\nmax_inflight_per_connection = 1000\n",
+    ));
+    // Large answers, pipelined, never read: the socket buffers fill, then dnslb's.
+    let q = query("big.example.test.", RecordType::TXT, true);
+    let mut frames = Vec::new();
+    for _ in 0..20_000 {
+        frames.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        frames.extend_from_slice(&q);
+    }
+    let mut hog = TcpStream::connect(lb.dns).unwrap();
+    hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = hog.write_all(&frames);
+    // The only connection slot comes back once dnslb gives up on the hog.
+    let freed = eventually(Duration::from_secs(10), || {
+        let Ok(mut s) = TcpStream::connect(lb.dns) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        write_frame(&mut s, &query("www.example.test.", RecordType::A, true)).is_ok()
+            && read_frame(&mut s).is_ok()
+    });
+    assert!(freed, "the slot stayed taken by a client that never reads");
+    drop(hog);
+}
