@@ -179,8 +179,7 @@ fn fifty_plus_pipelined_tcp_queries_on_one_connection_are_all_answered() {
         // Distinct IDs (random ones may collide), so each answer names its query.
         q[..2].copy_from_slice(&(1000 + i as u16).to_be_bytes());
         expected.insert(u16::from_be_bytes([q[0], q[1]]), n.clone());
-        all.extend_from_slice(&(q.len() as u16).to_be_bytes());
-        all.extend_from_slice(&q);
+        all.extend_from_slice(&frame(&q));
     }
     use std::io::Write;
     s.write_all(&all).unwrap(); // all 60 in one write: truly pipelined
@@ -855,9 +854,7 @@ fn a_frame_sent_a_byte_at_a_time_must_still_finish_within_the_idle_timeout() {
         &[("ns1", ns.addr)],
         "[tcp]\nidle_timeout_ms = 400\n",
     ));
-    let q = query("www.example.test.", RecordType::A, true);
-    let mut frame = (q.len() as u16).to_be_bytes().to_vec();
-    frame.extend_from_slice(&q);
+    let frame = frame(&query("www.example.test.", RecordType::A, true));
     let mut s = TcpStream::connect(lb.dns).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     let start = Instant::now();
@@ -893,12 +890,7 @@ fn a_client_that_never_reads_its_answers_does_not_keep_its_connection() {
         "[tcp]\nidle_timeout_ms = 300\nmax_connections = 1\nmax_inflight_per_connection = 1000\n",
     ));
     // Large answers, pipelined, never read: the socket buffers fill, then dnslb's.
-    let q = query("big.example.test.", RecordType::TXT, true);
-    let mut frames = Vec::new();
-    for _ in 0..20_000 {
-        frames.extend_from_slice(&(q.len() as u16).to_be_bytes());
-        frames.extend_from_slice(&q);
-    }
+    let frames = frame(&query("big.example.test.", RecordType::TXT, true)).repeat(20_000);
     let mut hog = TcpStream::connect(lb.dns).unwrap();
     hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = hog.write_all(&frames);

@@ -364,10 +364,15 @@ pub fn tcp_query_raw(server: SocketAddr, q: &[u8]) -> std::io::Result<Vec<u8>> {
     read_frame(&mut s)
 }
 
-pub fn write_frame(s: &mut TcpStream, q: &[u8]) -> std::io::Result<()> {
+/// `q` with its two-byte length prefix (RFC 1035 4.2.2).
+pub fn frame(q: &[u8]) -> Vec<u8> {
     let mut b = (q.len() as u16).to_be_bytes().to_vec();
     b.extend_from_slice(q);
-    s.write_all(&b)
+    b
+}
+
+pub fn write_frame(s: &mut TcpStream, q: &[u8]) -> std::io::Result<()> {
+    s.write_all(&frame(q))
 }
 
 pub fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
