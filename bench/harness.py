@@ -398,18 +398,6 @@ def main():
                 r["tcp_qps"] = statistics.median(x["qps"] for x in tcp)
                 r["tcp_cmd"] = tcp[0]["cmd"]
                 log(f"  TCP max: {[round(x['qps']) for x in tcp]} qps")
-            for proto in protos:
-                # Median of rounds: one 5 s run swings by 10-20 % on this machine.
-                samples = []
-                for _ in range(a.rounds):
-                    before = cpu_ticks(pids[t]())
-                    fixed = dnsperf(port, qfile, a.seconds, qps=a.rate, tcp=proto == "tcp", clients=8)
-                    ticks = cpu_ticks(pids[t]()) - before
-                    hz = os.sysconf("SC_CLK_TCK")
-                    samples.append(ticks / hz * 1e6 / max(fixed["completed"], 1))
-                r[f"{proto}_cpu_us"] = statistics.median(samples)
-                log(f"  {proto.upper()} CPU at {a.rate} qps: {[round(x, 1) for x in samples]} us/query "
-                    f"(last run: {fixed['completed']:.0f} answered, lost {fixed['lost']:.0f})")
             if t == "floor":
                 results[t] = r
                 continue
@@ -431,6 +419,25 @@ def main():
                 log(f"  {a.swaps} cut-overs at {a.swap_rate} qps: sent {c['sent']:.0f}, lost {c['lost']:.0f}, "
                     f"SERVFAIL {c['servfail']}")
             results[t] = r
+        # CPU per query at a fixed rate, interleaved: round k measures every target
+        # once before round k+1 starts, so a slow spell of this shared machine hits
+        # all targets alike instead of one. Median of the rounds.
+        log(f"== CPU per query at {a.rate} qps, {a.rounds} interleaved rounds")
+        samples = {}
+        for k in range(a.rounds):
+            for proto in ["udp", "tcp"]:
+                for t in targets:
+                    if t == "floor" and proto == "tcp":
+                        continue
+                    before = cpu_ticks(pids[t]())
+                    fixed = dnsperf(PORTS[t], qfile, a.seconds, qps=a.rate, tcp=proto == "tcp", clients=8)
+                    ticks = cpu_ticks(pids[t]()) - before
+                    us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(fixed["completed"], 1)
+                    samples.setdefault((t, proto), []).append(us)
+                    log(f"  round {k + 1} {t} {proto.upper()}: {us:.1f} us/query "
+                        f"({fixed['completed']:.0f} answered, lost {fixed['lost']:.0f})")
+        for (t, proto), xs in samples.items():
+            results[t][f"{proto}_cpu_us"] = statistics.median(xs)
     finally:
         procs.stop_all()
         if os.path.exists(os.path.join(work, "nginx.pid")):
@@ -523,7 +530,7 @@ ratios within one run.
 - UDP / TCP max: median of {a.rounds} runs of `{any_r['udp_cmd']}` (TCP: `{any_r['tcp_cmd']}`).
 - CPU µs/query: utime+stime of the target's processes (from /proc) over a {a.seconds} s
   dnsperf run at a fixed {a.rate} qps (`-c 8`), divided by the queries answered; median
-  of {a.rounds} such runs.
+  of {a.rounds} rounds, interleaved (each round measures every target once).
 - p50/p90/p99: `lb/examples/latency.rs`, a probe that sends each query at its own
   scheduled time ({a.rate} qps, no bursts) and times every answer by ID
   (`{any_r['lat_cmd']}`); "added" is the difference to BIND queried directly in the
