@@ -907,3 +907,77 @@ fn a_client_that_never_reads_its_answers_does_not_keep_its_connection() {
     assert!(freed, "the slot stayed taken by a client that never reads");
     drop(hog);
 }
+
+/// A backend that passes every query to a real named (same transport) and keeps a copy
+/// of each answer exactly as it sent it back.
+struct Recorder {
+    addr: SocketAddr,
+    sent: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+fn recorder(named: SocketAddr) -> Recorder {
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = std::net::TcpListener::bind(addr).unwrap();
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = sent.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65535];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            if let Ok(a) = udp_query_raw(named, &buf[..n], T) {
+                s2.lock().unwrap().push(a.clone());
+                let _ = udp.send_to(&a, from);
+            }
+        }
+    });
+    let s3 = sent.clone();
+    std::thread::spawn(move || {
+        for c in tcp.incoming() {
+            let (mut c, sent) = (c.unwrap(), s3.clone());
+            std::thread::spawn(move || {
+                while let Ok(q) = read_frame(&mut c) {
+                    let Ok(a) = tcp_query_raw(named, &q) else {
+                        return;
+                    };
+                    sent.lock().unwrap().push(a.clone());
+                    if write_frame(&mut c, &a).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Recorder { addr, sent }
+}
+
+#[test]
+fn answers_reach_the_client_byte_for_byte_as_the_backend_sent_them() {
+    // Comparing with a second query to BIND cannot be exact (it rotates RRset order),
+    // so the backend keeps what it sent: every byte after the ID must arrive as is.
+    let ns = Named::start();
+    let rec = recorder(ns.addr);
+    let lb = Dnslb::start(&config(&[("rec", rec.addr)], ""));
+    let mut checked = 0;
+    for (name, rtype) in cases() {
+        for edns in [true, false] {
+            let q = query(name, rtype, edns);
+            for tcp in [false, true] {
+                let via = if tcp {
+                    tcp_query_raw(lb.dns, &q).unwrap()
+                } else {
+                    udp_query_raw(lb.dns, &q, T).unwrap()
+                };
+                assert_eq!(&via[..2], &q[..2], "{name} {rtype}: the client's ID");
+                let sent = rec.sent.lock().unwrap();
+                assert!(
+                    sent.iter()
+                        .any(|a| a.len() == via.len() && a[2..] == via[2..]),
+                    "{name} {rtype} edns={edns} tcp={tcp}: {} bytes that the backend never sent",
+                    via.len()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, cases().len() * 4);
+}
