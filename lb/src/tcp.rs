@@ -61,50 +61,31 @@ impl Tcp {
     /// Forgets closed backend connections and expires queries past their deadline,
     /// charging their backends (run on the worker's tick).
     pub(crate) fn tick(&self, now: Instant, fall: u32) {
-        let mut expired = Vec::new();
         self.pools.borrow_mut().retain(|_, v| {
             v.retain(|u| !u.closed.get() && !u.out.failed.get());
             for u in v.iter() {
-                let mut pending = u.pending.borrow_mut();
-                let ids: Vec<u16> = pending
-                    .iter()
-                    .filter(|(_, p)| p.deadline <= now)
-                    .map(|(&id, _)| id)
-                    .collect();
-                expired.extend(ids.into_iter().filter_map(|id| pending.remove(&id)));
+                for (_, p) in u.pending.borrow_mut().extract_if(|_, p| p.deadline <= now) {
+                    p.backend.on_timeout(fall);
+                    p.client.answered();
+                }
             }
             !v.is_empty()
         });
-        for p in expired {
-            p.backend.on_timeout(fall);
-            p.client.answered();
-        }
     }
 
     /// Gives up every query on a backend connection without charging its backend
     /// (hard stop at the end of the grace period).
     pub(crate) fn abandon_all(&self) {
-        let pending: Vec<Pending> = self
-            .pools
-            .borrow()
-            .values()
-            .flatten()
-            .flat_map(|u| {
-                u.pending
-                    .borrow_mut()
-                    .drain()
-                    .map(|(_, p)| p)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        for p in pending {
-            p.backend.on_abandon();
-            p.client.answered();
+        for u in self.pools.borrow().values().flatten() {
+            for (_, p) in u.pending.borrow_mut().drain() {
+                p.backend.on_abandon();
+                p.client.answered();
+            }
         }
     }
 
     /// A connection to `addr` with room for one more query, opening one if allowed.
-    fn upstream(self: &Tcp, w: &Rc<Worker>, addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
+    fn upstream(&self, w: &Rc<Worker>, addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
         let mut pools = self.pools.borrow_mut();
         let pool = pools.entry(addr).or_default();
         pool.retain(|u| !u.closed.get() && !u.out.failed.get());
@@ -153,7 +134,6 @@ pub(crate) async fn serve_listener(
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
         w.shared.metrics.tcp_connections.increment(1);
         let w2 = w.clone();
         let c2 = cancel.clone();
@@ -384,11 +364,6 @@ impl FrameReader {
             }
         }
     }
-
-    /// Everything read has been taken as frames.
-    fn drained(&self) -> bool {
-        self.start == self.end
-    }
 }
 
 /// One client connection, shared by its task and the backend connections that hold
@@ -435,11 +410,14 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     'read: loop {
+        // The frames of one read arrived together: one clock read serves them, unless
+        // reading pauses.
+        let mut now = last_read;
         // Take every whole frame buffered. A drain does not cut this short: queries
         // already read are forwarded (room comes as answers arrive or queries expire).
         loop {
             while client.inflight.get() >= max_inflight || client.out.len() > OUTBOX_LIMIT {
-                flush_upstreams(&mut touched);
+                flush_batch(&client, &mut touched);
                 if client.out.failed.get() {
                     break 'read;
                 }
@@ -455,10 +433,11 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
                     // The client has not read an answer for `idle`: it is gone.
                     break 'read;
                 }
+                now = Instant::now();
             }
             match rd.next(tun.tcp.max_message_size) {
                 Next::Frame(a, b) => {
-                    if !on_query(w, &tun, &client, &mut rd.buf[a..b], &mut touched) {
+                    if !on_query(w, &tun, &client, &mut rd.buf[a..b], now, &mut touched) {
                         break 'read;
                     }
                 }
@@ -469,7 +448,7 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
                 }
             }
         }
-        flush_upstreams(&mut touched);
+        flush_batch(&client, &mut touched);
         if client.out.failed.get() {
             break;
         }
@@ -520,7 +499,7 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
             Err(_) => break,
         }
     }
-    flush_upstreams(&mut touched);
+    flush_batch(&client, &mut touched);
     // Let the queries in flight finish (answered, or expired by the tick), then send
     // what is left and close.
     while client.inflight.get() > 0 && !client.out.failed.get() {
@@ -540,6 +519,13 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
     let _ = stream.get_ref().shutdown(std::net::Shutdown::Write);
 }
 
+/// Writes what one batch of a client's frames produced: queries to each backend
+/// connection touched, and replies made on the spot (SERVFAIL) to the client.
+fn flush_batch(client: &Client, touched: &mut Vec<Rc<Upstream>>) {
+    flush_upstreams(touched);
+    client.out.flush();
+}
+
 fn flush_upstreams(touched: &mut Vec<Rc<Upstream>>) {
     for u in touched.drain(..) {
         u.queued.set(false);
@@ -553,6 +539,7 @@ fn on_query(
     tun: &Tunables,
     client: &Rc<Client>,
     msg: &mut [u8],
+    now: Instant,
     touched: &mut Vec<Rc<Upstream>>,
 ) -> bool {
     w.shared.metrics.queries_tcp.increment(1);
@@ -571,14 +558,12 @@ fn on_query(
             None => {
                 w.shared.metrics.no_backend_tcp.increment(1);
                 let n = packet::servfail_in_place(msg, q.question_end);
-                client.out.push(&msg[..n]);
-                client.out.flush();
+                client.out.push(&msg[..n]); // written with the batch
                 return true;
             }
         }
     };
     client.inflight.set(client.inflight.get() + 1);
-    let now = Instant::now();
     let p = Pending {
         client: client.clone(),
         client_id: q.id,
@@ -811,7 +796,7 @@ async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: 
         if bad {
             return;
         }
-        if rd.drained() && up.load() > 0 {
+        if !rd.has_partial() && up.load() > 0 {
             // Everything received is consumed and more answers are due: ACK at
             // once. Without this, delayed ACKs meet the backend's Nagle and
             // pipelined answers stall for milliseconds (BIND: 1k instead of

@@ -62,13 +62,6 @@ pub(crate) struct Done {
     backend: Arc<BackendRuntime>,
 }
 
-impl Done {
-    /// Gives the query up at shutdown without charging the backend.
-    pub(crate) fn abandon(self, _fall: u32) {
-        self.backend.on_abandon();
-    }
-}
-
 /// In-flight queries of one worker. Wire IDs (towards backends) come from a shuffled
 /// queue of all 65536, so they are not predictable; each maps to a slot in a dense
 /// table that only grows to the peak number in flight, so memory follows the load
@@ -312,8 +305,7 @@ impl UdpWorker {
     /// flight are given up without charging their backends.
     pub(crate) fn run(mut self, control: &Control) -> io::Result<()> {
         let result = self.serve(control);
-        let fall = self.tunables.fall;
-        self.table.clear(|d| d.abandon(fall));
+        self.table.clear(|d| d.backend.on_abandon());
         result
     }
 
