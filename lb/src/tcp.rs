@@ -169,6 +169,8 @@ struct Outbox {
     drained: Notify,
     /// A write failed: the connection is dead.
     failed: Cell<bool>,
+    /// On a list of outboxes to flush at the end of the current batch.
+    queued: Cell<bool>,
 }
 
 impl Outbox {
@@ -179,6 +181,7 @@ impl Outbox {
             more: Notify::new(),
             drained: Notify::new(),
             failed: Cell::new(false),
+            queued: Cell::new(false),
         }
     }
 
@@ -226,6 +229,13 @@ impl Outbox {
 
     fn len(&self) -> usize {
         self.buf.borrow().len()
+    }
+
+    /// Puts it on `batch` (once) to be flushed with the rest of the batch.
+    fn queue(self: &Rc<Self>, batch: &mut Vec<Rc<Outbox>>) {
+        if !self.queued.replace(true) {
+            batch.push(self.clone());
+        }
     }
 
     /// The writer task: waits for leftovers and for the socket to take them.
@@ -373,8 +383,6 @@ struct Client {
     inflight: Cell<usize>,
     /// Wakes the reader when a query is answered or expired.
     progress: Notify,
-    /// On the list of clients to flush after the current batch.
-    queued: Cell<bool>,
 }
 
 impl Client {
@@ -394,14 +402,13 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
         out: Rc::new(Outbox::new()),
         inflight: Cell::new(0),
         progress: Notify::new(),
-        queued: Cell::new(false),
     });
     let _ = client.out.stream.set(stream.clone());
     let writer = tokio::task::spawn_local(client.out.clone().writer());
     let idle = Duration::from_millis(tun.tcp.idle_timeout_ms);
     let max_inflight = tun.tcp.max_inflight_per_connection;
     let mut rd = FrameReader::new();
-    let mut touched: Vec<Rc<Upstream>> = Vec::new();
+    let mut touched: Vec<Rc<Outbox>> = Vec::new();
     // One timer for the connection's life, pushed back lazily: a read does not touch
     // it, only its expiry looks at when the last read was and when the frame still
     // incomplete began.
@@ -521,15 +528,16 @@ async fn serve_client(w: &Rc<Worker>, stream: TcpStream, cancel: CancellationTok
 
 /// Writes what one batch of a client's frames produced: queries to each backend
 /// connection touched, and replies made on the spot (SERVFAIL) to the client.
-fn flush_batch(client: &Client, touched: &mut Vec<Rc<Upstream>>) {
-    flush_upstreams(touched);
+fn flush_batch(client: &Client, touched: &mut Vec<Rc<Outbox>>) {
+    flush_all(touched);
     client.out.flush();
 }
 
-fn flush_upstreams(touched: &mut Vec<Rc<Upstream>>) {
-    for u in touched.drain(..) {
-        u.queued.set(false);
-        u.out.flush();
+/// Flushes every outbox a batch queued, each once.
+fn flush_all(batch: &mut Vec<Rc<Outbox>>) {
+    for out in batch.drain(..) {
+        out.queued.set(false);
+        out.flush();
     }
 }
 
@@ -540,7 +548,7 @@ fn on_query(
     client: &Rc<Client>,
     msg: &mut [u8],
     now: Instant,
-    touched: &mut Vec<Rc<Upstream>>,
+    touched: &mut Vec<Rc<Outbox>>,
 ) -> bool {
     w.shared.metrics.queries_tcp.increment(1);
     let q = match packet::parse_query(msg) {
@@ -580,7 +588,7 @@ fn on_query(
 }
 
 /// Queues a query on a connection to its backend (written when `touched` is flushed).
-fn send_upstream(w: &Rc<Worker>, tun: &Tunables, mut p: Pending, touched: &mut Vec<Rc<Upstream>>) {
+fn send_upstream(w: &Rc<Worker>, tun: &Tunables, mut p: Pending, touched: &mut Vec<Rc<Outbox>>) {
     let up = w.tcp.upstream(w, p.backend.address, tun);
     let Some(id) = up.free_id() else {
         // 65535 queries on one connection: give this one up.
@@ -591,9 +599,7 @@ fn send_upstream(w: &Rc<Worker>, tun: &Tunables, mut p: Pending, touched: &mut V
     packet::set_id(&mut p.query, id);
     up.out.push(&p.query);
     up.pending.borrow_mut().insert(id, p);
-    if !up.queued.replace(true) {
-        touched.push(up);
-    }
+    up.out.queue(touched);
 }
 
 /// A query on a backend connection, waiting for its answer.
@@ -616,7 +622,6 @@ struct Upstream {
     pending: RefCell<HashMap<u16, Pending>>,
     next_id: Cell<u16>,
     closed: Cell<bool>,
-    queued: Cell<bool>,
 }
 
 impl Upstream {
@@ -626,7 +631,6 @@ impl Upstream {
             pending: RefCell::new(HashMap::new()),
             next_id: Cell::new(fastrand::u16(..)),
             closed: Cell::new(false),
-            queued: Cell::new(false),
         });
         let connect_timeout = Duration::from_millis(tun.query_timeout_ms);
         let idle = Duration::from_millis(tun.tcp.backend_idle_timeout_ms);
@@ -721,14 +725,14 @@ async fn run_upstream(
         }
         send_upstream(&w, &tun, p, &mut touched);
     }
-    flush_upstreams(&mut touched);
+    flush_all(&mut touched);
 }
 
 /// Reads answers until the connection closes, fails, or stays idle for `idle`.
 async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: Duration) {
     let metrics = &w.shared.metrics;
     let mut rd = FrameReader::new();
-    let mut clients: Vec<Rc<Client>> = Vec::new();
+    let mut clients: Vec<Rc<Outbox>> = Vec::new();
     let tick = idle.min(Duration::from_secs(1));
     let mut last_busy = Instant::now();
     // One timer, re-armed only when it fires (see `serve_client`).
@@ -785,14 +789,9 @@ async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: 
                 .on_response(packet::rcode(msg), now.saturating_duration_since(p.sent));
             p.client.out.push(msg);
             p.client.answered();
-            if !p.client.queued.replace(true) {
-                clients.push(p.client);
-            }
+            p.client.out.queue(&mut clients);
         }
-        for c in clients.drain(..) {
-            c.queued.set(false);
-            c.out.flush();
-        }
+        flush_all(&mut clients);
         if bad {
             return;
         }
