@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,10 @@ pub struct BackendRuntime {
     failures: AtomicU32,
     /// Consecutive query timeouts (the passive signal); any answer resets it.
     timeouts_in_a_row: AtomicU32,
+    /// When this runtime was made: the origin of `last_answer_ms`.
+    born: Instant,
+    /// Milliseconds from `born` to the latest answer, plus one (0: none yet).
+    last_answer_ms: AtomicU64,
     outstanding: AtomicU64,
     queries: AtomicU64,
     timeouts: AtomicU64,
@@ -92,6 +97,8 @@ impl BackendRuntime {
             passes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             timeouts_in_a_row: AtomicU32::new(0),
+            born: Instant::now(),
+            last_answer_ms: AtomicU64::new(0),
             outstanding: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
@@ -136,26 +143,45 @@ impl BackendRuntime {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// An answer came back after `latency`.
+    /// Milliseconds from `born` to `t`, plus one.
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.born).as_millis() as u64 + 1
+    }
+
+    /// The answer to a query sent at `sent` came back at `now`.
     #[inline]
-    pub fn on_response(&self, rcode: u8, latency: std::time::Duration) {
+    pub fn on_response(&self, rcode: u8, sent: Instant, now: Instant) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.metrics.response(rcode);
-        self.metrics.latency.record(latency.as_secs_f64());
+        self.metrics
+            .latency
+            .record(now.saturating_duration_since(sent).as_secs_f64());
         // Passive signal: an answer ends a streak of timeouts (and only that: failed
         // health checks keep counting). Read first so the common case does not write
-        // a shared cache line.
+        // a shared cache line: the time of the latest answer is written at most once a
+        // millisecond.
         if self.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
             self.timeouts_in_a_row.store(0, Ordering::Relaxed);
         }
+        let ms = self.ms(now);
+        if self.last_answer_ms.load(Ordering::Relaxed) < ms {
+            self.last_answer_ms.fetch_max(ms, Ordering::Relaxed);
+        }
     }
 
-    /// A query was given up (timeout, or the connection carrying it died). Counts as a
-    /// passive health failure; `fall` of them in a row mark the backend down.
-    pub fn on_timeout(&self, fall: u32) {
+    /// A query sent at `sent` was given up (timeout, or the connection carrying it
+    /// died). Counts as a passive health failure unless the backend has answered since
+    /// `sent`: a datagram lost now and then (a backend's full receive buffer during a
+    /// stall) says nothing about a backend that keeps answering, and the timeout sweep
+    /// would otherwise find such losses "in a row" however many answers came between
+    /// them. `fall` timeouts in a row with no answer since mark the backend down.
+    pub fn on_timeout(&self, sent: Instant, fall: u32) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.timeouts.fetch_add(1, Ordering::Relaxed);
         self.metrics.timeouts.increment(1);
+        if self.last_answer_ms.load(Ordering::Relaxed) > self.ms(sent) {
+            return;
+        }
         self.passes.store(0, Ordering::Relaxed);
         let n = self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= fall && self.health() != Health::Down {
@@ -650,18 +676,45 @@ mod tests {
         let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
         rt.record_pass(2);
         assert_eq!(rt.health(), Health::Up);
+        // It answered once, then went silent: three queries sent after that answer
+        // time out.
+        let t0 = Instant::now();
+        rt.on_forward();
+        rt.on_response(0, t0, t0);
+        let later = t0 + std::time::Duration::from_millis(5);
         for _ in 0..3 {
             rt.on_forward();
         }
-        rt.on_timeout(3);
-        rt.on_timeout(3);
+        rt.on_timeout(later, 3);
+        rt.on_timeout(later, 3);
         assert_eq!(rt.health(), Health::Up);
-        rt.on_timeout(3);
+        rt.on_timeout(later, 3);
         assert_eq!(rt.health(), Health::Down);
+        assert_eq!(rt.timeouts_total(), 3);
         rt.record_pass(2);
         assert_eq!(rt.health(), Health::Down);
         rt.record_pass(2);
         assert_eq!(rt.health(), Health::Up);
+    }
+
+    #[test]
+    fn timeouts_of_queries_sent_before_an_answer_are_not_a_streak() {
+        // A backend that keeps answering but lost a burst of datagrams (its receive
+        // buffer overflowed during a stall): the sweep finds the lost queries at once,
+        // yet answers to later queries came back in between. It stays up.
+        let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
+        rt.record_pass(2);
+        let t0 = Instant::now();
+        for _ in 0..11 {
+            rt.on_forward();
+        }
+        rt.on_response(0, t0, t0 + std::time::Duration::from_millis(10));
+        for _ in 0..10 {
+            rt.on_timeout(t0, 3);
+        }
+        assert_eq!(rt.health(), Health::Up);
+        assert_eq!(rt.timeouts_total(), 10);
+        assert_eq!(rt.outstanding(), 0);
     }
 
     #[test]
@@ -670,7 +723,8 @@ mod tests {
         rt.record_pass(2);
         for _ in 0..3 {
             rt.on_forward();
-            rt.on_response(5, std::time::Duration::ZERO); // REFUSED, say
+            let now = Instant::now();
+            rt.on_response(5, now, now); // REFUSED, say
             rt.record_failure(3, "test");
         }
         assert_eq!(rt.health(), Health::Down);

@@ -65,7 +65,7 @@ impl Tcp {
             v.retain(|u| !u.closed.get() && !u.out.failed.get());
             for u in v.iter() {
                 for (_, p) in u.pending.borrow_mut().extract_if(|_, p| p.deadline <= now) {
-                    p.backend.on_timeout(fall);
+                    p.backend.on_timeout(p.sent, fall);
                     p.client.answered();
                 }
             }
@@ -699,7 +699,7 @@ async fn run_upstream(
     let mut charged = false;
     for mut p in lost {
         if p.retried {
-            p.backend.on_timeout(tun.fall);
+            p.backend.on_timeout(p.sent, tun.fall);
             p.client.answered();
             continue;
         }
@@ -708,7 +708,7 @@ async fn run_upstream(
             if charged {
                 p.backend.on_abandon();
             } else {
-                p.backend.on_timeout(tun.fall);
+                p.backend.on_timeout(p.sent, tun.fall);
                 charged = true;
             }
             let other = w
@@ -786,7 +786,7 @@ async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: 
             let p = up.pending.borrow_mut().remove(&id).expect("checked");
             packet::set_id(msg, p.client_id);
             p.backend
-                .on_response(packet::rcode(msg), now.saturating_duration_since(p.sent));
+                .on_response(packet::rcode(msg), p.sent, now);
             p.client.out.push(msg);
             p.client.answered();
             p.client.out.queue(&mut clients);

@@ -981,3 +981,56 @@ fn answers_reach_the_client_byte_for_byte_as_the_backend_sent_them() {
     }
     assert_eq!(checked, cases().len() * 4);
 }
+
+#[test]
+fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering() {
+    // A backend whose receive buffer overflowed for a moment: it never sees five
+    // queries, and answers everything after them. The timeout sweep finds the five
+    // at once; they are timeouts, but not "in a row" (answers to later queries came
+    // back in between), so the backend stays up and clients get answers, not SERVFAIL.
+    let named = Named::start();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    let lost = Arc::new(AtomicUsize::new(0));
+    let (lost2, backend) = (lost.clone(), named.addr);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            if q.windows(4).any(|w| w == b"lost") {
+                lost2.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            if let Ok(a) = udp_query_raw(backend, q, T) {
+                let _ = sock.send_to(&a, from);
+            }
+        }
+    });
+    let lb = Dnslb::start(
+        &config(&[("lossy", addr)], "[balance]\nquery_timeout_ms = 300\n")
+            .replace("interval_ms = 200", "interval_ms = 60000"),
+    );
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..5 {
+        c.send_to(
+            &query(&format!("lost{i}.wild.example.test."), RecordType::A, true),
+            lb.dns,
+        )
+        .unwrap();
+    }
+    // Answered queries for well past the deadline of the lost ones.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(700) {
+        let q = query("www.example.test.", RecordType::A, true);
+        let a = udp_query(lb.dns, &q, T).unwrap();
+        assert_eq!(a.response_code, ResponseCode::NoError);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lost.load(Ordering::SeqCst), 5);
+    let b: serde_json::Value =
+        serde_json::from_str(&lb.http("GET", "/v1/backends/lossy", None).1).unwrap();
+    assert_eq!(b["timeouts_total"], 5, "{b}");
+    assert_eq!(b["health"], "up", "{b}");
+    let a = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
+    assert_eq!(a.response_code, ResponseCode::NoError);
+}
