@@ -68,14 +68,20 @@ class Procs:
                 p.kill()
 
 
+# --backend echo: bench/echo-backend.c instead of named (UDP only, no records).
+ECHO = False
+
+
 def wait_dns(port, tcp=False, limit=20.0):
     deadline = time.time() + limit
     while time.time() < deadline:
-        args = ["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "+short", "example.test", "SOA"]
+        args = ["dig", "@127.0.0.1", "-p", str(port), "+time=1", "+tries=1", "example.test", "SOA"]
         if tcp:
             args.insert(1, "+tcp")
         out = subprocess.run(args, capture_output=True, text=True).stdout
-        if "2026112901" in out:
+        # The zone's SOA serial from named; from the echo backend, an empty NOERROR
+        # answer with AA set.
+        if ("flags: qr aa" in out and "status: NOERROR" in out) if ECHO else "2026112901" in out:
             return
         time.sleep(0.2)
     raise RuntimeError(f"nothing answers on port {port}")
@@ -140,8 +146,10 @@ DNSDIST_KEY = "bXlzZWNyZXRrZXlmb3J0aGViZW5jaG1hcmsxMjM0NTY="
 
 
 def dnsdist_server(port, name):
+    # The echo backend answers the check with no records, which mustResolve fails.
+    must = "" if ECHO else ", mustResolve=true"
     return (f'newServer({{address="127.0.0.1:{port}", name="{name}", checkName="example.test.", '
-            f'checkType="SOA", mustResolve=true}})')
+            f'checkType="SOA"{must}}})')
 
 
 def start_dnsdist(procs, work):
@@ -164,16 +172,27 @@ setMaxTCPClientThreads(2)
     return [p.pid]
 
 
-def start_floor(procs, work):
-    """The floor relay (bench/floor-relay.c), built with the system C compiler."""
+def start_c(procs, work, name, args):
+    """Builds bench/NAME.c with the system C compiler and starts it with `args`."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        raise RuntimeError("no C compiler for bench/floor-relay.c")
-    exe = os.path.join(work, "floor-relay")
-    subprocess.run([cc, "-O2", "-o", exe, os.path.join(ROOT, "bench/floor-relay.c")], check=True)
-    p = procs.start("floor", [exe, str(PORTS["floor"]), str(B1), str(B2)])
+        raise RuntimeError(f"no C compiler for bench/{name}.c")
+    exe = os.path.join(work, name)
+    subprocess.run([cc, "-O2", "-o", exe, os.path.join(ROOT, f"bench/{name}.c")], check=True)
+    return procs.start(name, [exe] + [str(x) for x in args])
+
+
+def start_floor(procs, work):
+    """The floor relay (bench/floor-relay.c)."""
+    p = start_c(procs, work, "floor-relay", [PORTS["floor"], B1, B2])
     wait_dns(PORTS["floor"])
     return [p.pid]
+
+
+def start_echo(procs, work, port):
+    p = start_c(procs, work, "echo-backend", [port])
+    wait_dns(port)
+    return p
 
 
 def dnsdist_console(work, cmd):
@@ -222,7 +241,8 @@ def start_nginx(procs, work):
     procs.start("nginx", ["nginx", "-g", "daemon off;", "-p", work, "-c", os.path.join(work, "nginx.conf")],
                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "nginx.log"), "w"))
     wait_dns(PORTS["nginx"])
-    wait_dns(PORTS["nginx"], tcp=True)
+    if not ECHO:
+        wait_dns(PORTS["nginx"], tcp=True)
     return None  # pids are read from /proc at measuring time (workers change on reload)
 
 
@@ -350,7 +370,7 @@ def versions():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rate", type=int, default=20000, help="fixed rate for CPU and latency")
     ap.add_argument("--rss-rate", type=int, default=50000)
@@ -359,7 +379,15 @@ def main():
     ap.add_argument("--swap-rate", type=int, default=10000)
     ap.add_argument("--targets", default="bind,floor,dnslb,dnsdist,nginx")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--backend", choices=["bind", "echo"], default="bind",
+                    help="echo: bench/echo-backend.c instead of named, UDP only, to read what "
+                         "each proxy adds without BIND's own pauses (prints, never writes the doc)")
     a = ap.parse_args()
+    global ECHO
+    ECHO = a.backend == "echo"
+    if ECHO:
+        a.no_write = True
+    protos = ["udp"] if ECHO else ["udp", "tcp"]
     targets = a.targets.split(",")
     work = tempfile.mkdtemp(prefix="dnslb-bench-")
     qfile = os.path.join(work, "queries.txt")
@@ -369,7 +397,8 @@ def main():
     results = {}
     try:
         log("== backends")
-        bind_pids = [start_named(procs, work, B1).pid, start_named(procs, work, B2).pid]
+        start = start_echo if ECHO else start_named
+        bind_pids = [start(procs, work, B1).pid, start(procs, work, B2).pid]
         pids = {"bind": lambda: [bind_pids[0]]}
         if "dnslb" in targets:
             p = start_dnslb(procs, work)
@@ -384,27 +413,44 @@ def main():
             p = start_floor(procs, work)
             pids["floor"] = lambda p=p: p
         time.sleep(2)  # health checks settle
+        # Maximum throughput, interleaved like the CPU rounds below: round k measures
+        # every target once before round k+1 starts, so a slow spell of this shared
+        # machine (runs swing by 20 % and more) hits all targets alike. Median of rounds.
+        log(f"== maximum throughput, {a.rounds} interleaved rounds")
+        runs = {}
+        for k in range(a.rounds):
+            for proto in protos:
+                for t in targets:
+                    if t == "floor" and proto == "tcp":
+                        continue
+                    if proto == "tcp":
+                        x = dnsperf(PORTS[t], qfile, a.seconds, tcp=True, clients=32, outstanding=64)
+                    else:
+                        x = dnsperf(PORTS[t], qfile, a.seconds)
+                    runs.setdefault((t, proto), []).append(x)
+                    log(f"  round {k + 1} {t} {proto.upper()}: {x['qps']:.0f} qps (SERVFAIL {x['servfail']})")
         for t in targets:
-            port = PORTS[t]
-            r = {}
-            log(f"== {t} (port {port})")
-            udp = [dnsperf(port, qfile, a.seconds) for _ in range(a.rounds)]
-            r["udp_qps"] = statistics.median(x["qps"] for x in udp)
-            r["udp_cmd"] = udp[0]["cmd"]
-            log(f"  UDP max: {[round(x['qps']) for x in udp]} qps")
-            if t == "floor":  # UDP throughput only; its CPU is measured with the others below
-                results[t] = r
+            # SERVFAIL answers over every load run: dnsperf counts them as answered.
+            results[t] = {"servfail": sum(x["servfail"] for p in protos for x in runs.get((t, p), []))}
+            for proto in ["udp", "tcp"]:
+                xs = runs.get((t, proto))
+                if xs:
+                    results[t][f"{proto}_qps"] = statistics.median(x["qps"] for x in xs)
+                    results[t][f"{proto}_cmd"] = xs[0]["cmd"]
+        for t in targets:
+            if t == "floor":  # UDP throughput and CPU only
                 continue
-            tcp = [dnsperf(port, qfile, a.seconds, tcp=True, clients=32, outstanding=64) for _ in range(a.rounds)]
-            r["tcp_qps"] = statistics.median(x["qps"] for x in tcp)
-            r["tcp_cmd"] = tcp[0]["cmd"]
-            log(f"  TCP max: {[round(x['qps']) for x in tcp]} qps")
+            port = PORTS[t]
+            r = results[t]
+            log(f"== {t} (port {port})")
             probe = [PROBE, f"127.0.0.1:{port}", str(a.rate), str(a.seconds)]
             lat = json.loads(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
             r["p50_us"], r["p90_us"], r["p99_us"] = lat["p50_us"], lat["p90_us"], lat["p99_us"]
+            r["servfail"] += lat["servfail"]
             r["lat_cmd"] = " ".join(probe).replace(ROOT + "/", "")
             log(f"  latency at {a.rate} qps: p50 {r['p50_us']:.0f} us, p90 {r['p90_us']:.0f} us, "
-                f"p99 {r['p99_us']:.0f} us ({lat['answered']} of {lat['sent']} answered)")
+                f"p99 {r['p99_us']:.0f} us ({lat['answered']} of {lat['sent']} answered, "
+                f"{lat['servfail']} SERVFAIL)")
             rss_run = dnsperf(port, qfile, a.seconds, qps=a.rss_rate, clients=8)
             r["rss_kib"] = peak_rss_kib(pids[t]())
             log(f"  peak RSS after {a.rss_rate} qps: {r['rss_kib'] / 1024:.1f} MiB (answered {rss_run['completed']:.0f})")
@@ -416,14 +462,13 @@ def main():
                 r["cutover_cmd"] = c["cmd"]
                 log(f"  {a.swaps} cut-overs at {a.swap_rate} qps: sent {c['sent']:.0f}, lost {c['lost']:.0f}, "
                     f"SERVFAIL {c['servfail']}")
-            results[t] = r
         # CPU per query at a fixed rate, interleaved: round k measures every target
         # once before round k+1 starts, so a slow spell of this shared machine hits
         # all targets alike instead of one. Median of the rounds.
         log(f"== CPU per query at {a.rate} qps, {a.rounds} interleaved rounds")
         samples = {}
         for k in range(a.rounds):
-            for proto in ["udp", "tcp"]:
+            for proto in protos:
                 for t in targets:
                     if t == "floor" and proto == "tcp":
                         continue
@@ -432,8 +477,10 @@ def main():
                     ticks = cpu_ticks(pids[t]()) - before
                     us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(fixed["completed"], 1)
                     samples.setdefault((t, proto), []).append(us)
+                    results[t]["servfail"] = results[t].get("servfail", 0) + fixed["servfail"]
                     log(f"  round {k + 1} {t} {proto.upper()}: {us:.1f} us/query "
-                        f"({fixed['completed']:.0f} answered, lost {fixed['lost']:.0f})")
+                        f"({fixed['completed']:.0f} answered, lost {fixed['lost']:.0f}, "
+                        f"SERVFAIL {fixed['servfail']})")
         for (t, proto), xs in samples.items():
             results[t][f"{proto}_cpu_us"] = statistics.median(xs)
     finally:
@@ -452,22 +499,26 @@ def report(results, a, targets):
     base = results.get("bind", {})
     lines = []
     lines.append("| target | UDP max qps | TCP max qps | UDP CPU µs/query | TCP CPU µs/query | p50 µs | p90 µs "
-                 "| p99 µs | added p50 / p90 / p99 µs | peak RSS MiB | lost in cut-overs |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| p99 µs | added p50 / p90 / p99 µs | peak RSS MiB | lost in cut-overs | SERVFAIL answers |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in targets:
         r = results.get(t)
         if not r:
             continue
         if t == "floor":
-            lines.append(f"| floor (C relay) | {r['udp_qps']:.0f} | — | {r['udp_cpu_us']:.1f} | — | — | — | — | — | — | — |")
+            lines.append(f"| floor (C relay) | {r['udp_qps']:.0f} | — | {r['udp_cpu_us']:.1f} | — | — | — | — | — | — | — "
+                         f"| {r.get('servfail', 0)} |")
             continue
         if t == "bind":
             added = "—"
         else:
             added = " / ".join(f"{r[k] - base.get(k, 0):+.0f}" for k in ["p50_us", "p90_us", "p99_us"])
         cut = "—" if t == "bind" else f"{r['cutover_lost']:.0f} of {r['cutover_sent']:.0f} (SERVFAIL {r['cutover_servfail']})"
-        lines.append(f"| {t} | {r['udp_qps']:.0f} | {r['tcp_qps']:.0f} | {r['udp_cpu_us']:.1f} | {r['tcp_cpu_us']:.1f} "
-                     f"| {r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['p99_us']:.0f} | {added} | {r['rss_kib'] / 1024:.1f} | {cut} |")
+        name = "echo (direct)" if t == "bind" and ECHO else t
+        tcp_qps, tcp_cpu = (f"{r['tcp_qps']:.0f}", f"{r['tcp_cpu_us']:.1f}") if "tcp_qps" in r else ("—", "—")
+        lines.append(f"| {name} | {r['udp_qps']:.0f} | {tcp_qps} | {r['udp_cpu_us']:.1f} | {tcp_cpu} "
+                     f"| {r['p50_us']:.0f} | {r['p90_us']:.0f} | {r['p99_us']:.0f} | {added} | {r['rss_kib'] / 1024:.1f} | {cut} "
+                     f"| {r.get('servfail', 0)} |")
     ratios = []
     if "dnslb" in results and "dnsdist" in results:
         d, x = results["dnslb"], results["dnsdist"]
@@ -477,7 +528,7 @@ def report(results, a, targets):
             f_ = results["floor"]["udp_cpu_us"]
             ratios.append(f"- UDP CPU per query of the floor relay/dnsdist: **{f_ / x['udp_cpu_us']:.2f}×**; "
                           f"dnslb/floor: **{d['udp_cpu_us'] / f_:.2f}×**")
-    if "dnslb" in results and "nginx" in results:
+    if "dnslb" in results and "nginx" in results and "tcp_qps" in results["dnslb"]:
         d, n = results["dnslb"], results["nginx"]
         ratios.append(f"- TCP throughput dnslb/nginx: **{d['tcp_qps'] / n['tcp_qps']:.2f}×** (target ≥ 1.2×)")
         ratios.append(f"- TCP CPU per query dnslb/nginx: **{d['tcp_cpu_us'] / n['tcp_cpu_us']:.2f}×** (target ≤ 0.8×)")
@@ -525,7 +576,8 @@ ratios within one run.
 - floor: `bench/floor-relay.c`, a 70-line single-threaded C relay (poll, recvfrom,
   sendto; no parsing, no ID rewriting; queries alternate between the two backends). It is what forwarding alone costs
   a separate process on this machine, and no proxy can be much cheaper per query.
-- UDP / TCP max: median of {a.rounds} runs of `{any_r['udp_cmd']}` (TCP: `{any_r['tcp_cmd']}`).
+- UDP / TCP max: median of {a.rounds} rounds, interleaved (each round measures every
+  target once), of `{any_r['udp_cmd']}` (TCP: `{any_r['tcp_cmd']}`).
 - CPU µs/query: utime+stime of the target's processes (from /proc) over a {a.seconds} s
   dnsperf run at a fixed {a.rate} qps (`-c 8`), divided by the queries answered; median
   of {a.rounds} rounds, interleaved (each round measures every target once).
@@ -535,6 +587,9 @@ ratios within one run.
   same run. On this shared VM the p99 of every target, BIND included, is dominated by
   scheduling stalls of several milliseconds; p50 and p90 are the stable figures.
 - peak RSS: VmHWM of the target's processes after a {a.rss_rate} qps run.
+- SERVFAIL answers: over every throughput round, CPU round and the latency probe.
+  dnsperf counts a SERVFAIL as an answered query, and a proxy's own SERVFAIL is cheap
+  and fast, so throughput, CPU and latency figures only count when this is 0.
 - cut-overs: {a.swaps} changes under a steady {a.swap_rate} qps dnsperf load, one every
   ~0.2 s: dnslb `PUT /v1/backends` (with expected_generation) alternating between two
   sets, `nginx -s reload` alternating two upstream orders, dnsdist `rmServer(0)` +

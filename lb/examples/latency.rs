@@ -1,6 +1,8 @@
 //! A paced UDP latency probe for the benchmark harness: sends DNS queries at a fixed
 //! rate (each at its own scheduled time, not in bursts), times every answer by ID and
-//! prints one JSON line: sent, answered, p50/p90/p99/p99.9/max in microseconds.
+//! prints one JSON line: sent, answered, how many answers were SERVFAIL (a proxy's
+//! own SERVFAIL is fast, and would flatter its latency), and p50/p90/p99/p99.9/max in
+//! microseconds.
 //!
 //! ```text
 //! cargo run --release --example latency -- 127.0.0.1:5353 20000 5
@@ -54,6 +56,7 @@ fn main() {
         let (sock, sent_at, done) = (sock.try_clone().unwrap(), sent_at.clone(), done.clone());
         std::thread::spawn(move || {
             let mut rtts: Vec<u64> = Vec::with_capacity(1 << 20);
+            let mut servfail = 0u64;
             let mut buf = [0u8; 4096];
             loop {
                 match sock.recv(&mut buf) {
@@ -63,10 +66,13 @@ fn main() {
                         let t = sent_at[usize::from(id)].swap(0, Ordering::AcqRel);
                         if t != 0 {
                             rtts.push(now - t);
+                            if n >= 4 && buf[3] & 0x0f == 2 {
+                                servfail += 1;
+                            }
                         }
                     }
                     Ok(_) => {}
-                    Err(_) if done.load(Ordering::Acquire) => return rtts,
+                    Err(_) if done.load(Ordering::Acquire) => return (rtts, servfail),
                     Err(_) => {}
                 }
             }
@@ -96,7 +102,7 @@ fn main() {
     }
     std::thread::sleep(Duration::from_millis(500));
     done.store(true, Ordering::Release);
-    let mut rtts = receiver.join().unwrap();
+    let (mut rtts, servfail) = receiver.join().unwrap();
     rtts.sort_unstable();
     let pct = |p: f64| {
         if rtts.is_empty() {
@@ -106,7 +112,7 @@ fn main() {
         }
     };
     println!(
-        "{{\"sent\": {sent}, \"answered\": {}, \"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}, \"p999_us\": {:.1}, \"max_us\": {:.1}}}",
+        "{{\"sent\": {sent}, \"answered\": {}, \"servfail\": {servfail}, \"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}, \"p999_us\": {:.1}, \"max_us\": {:.1}}}",
         rtts.len(),
         pct(50.0),
         pct(90.0),
