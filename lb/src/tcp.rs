@@ -785,8 +785,7 @@ async fn read_answers(w: &Rc<Worker>, up: &Rc<Upstream>, stream: &Stream, idle: 
             }
             let p = up.pending.borrow_mut().remove(&id).expect("checked");
             packet::set_id(msg, p.client_id);
-            p.backend
-                .on_response(packet::rcode(msg), p.sent, now);
+            p.backend.on_response(packet::rcode(msg), p.sent, now);
             p.client.out.push(msg);
             p.client.answered();
             p.client.out.queue(&mut clients);

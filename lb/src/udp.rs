@@ -375,7 +375,8 @@ impl UdpWorker {
             self.tunables = arc_swap::Guard::into_inner(cur);
         }
         let fall = self.tunables.fall;
-        self.table.expire(now, |done| done.backend.on_timeout(done.sent, fall));
+        self.table
+            .expire(now, |done| done.backend.on_timeout(done.sent, fall));
     }
 
     /// Drains listener `index` in batches: a short batch means the queue is empty.
@@ -646,8 +647,7 @@ fn on_answer(
         }
     };
     packet::set_id(msg, done.client_id);
-    done.backend
-        .on_response(packet::rcode(msg), done.sent, now);
+    done.backend.on_response(packet::rcode(msg), done.sent, now);
     Some((done.listener, done.client))
 }
 
