@@ -90,12 +90,22 @@ impl Local {
         Ok(out)
     }
 
+    /// A loopback port for a new instance: not used by another instance, and free for
+    /// UDP and TCP now. Taken from 20000-31999, below the kernel's ephemeral range
+    /// (32768 and up), so that no client socket is handed it while Ansible provisions
+    /// the instance and before named binds it; from a random start, so that two
+    /// deployers (or tests) seldom try the same one.
     fn free_port(&self) -> Result<u16, ProviderError> {
+        const BASE: u16 = 20000;
+        const SPAN: u16 = 12000;
         let taken: Vec<u16> = self.all()?.iter().map(|i| i.dns_port).collect();
-        for _ in 0..100 {
-            let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
-            let port = udp.local_addr()?.port();
-            if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let start = fastrand::u16(0..SPAN);
+        for k in 0..SPAN {
+            let port = BASE + (start + k) % SPAN;
+            if !taken.contains(&port)
+                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
                 return Ok(port);
             }
         }

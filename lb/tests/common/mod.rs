@@ -18,16 +18,31 @@ pub fn zone_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ansible/zones/example.test.zone")
 }
 
-/// A free loopback port for both UDP and TCP (bound and released; the small race is
-/// acceptable for tests).
+/// A loopback port free for both UDP and TCP. Ports come from 20000-31999, below the
+/// kernel's ephemeral range (32768 and up), so no client socket (ours, dig's, named's)
+/// can be handed the port between this check and the server binding it; and each
+/// port is offered at most once per test process, so tests running in parallel never
+/// get the same one. The start is spread by process ID across test binaries.
 pub fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const BASE: u32 = 20000;
+    const SPAN: u32 = 12000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (BASE + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }
+    panic!("no free loopback port in {BASE}..{}", BASE + SPAN);
 }
 
 /// A real BIND process serving example.test on 127.0.0.1.
