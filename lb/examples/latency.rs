@@ -2,7 +2,8 @@
 //! rate (each at its own scheduled time, not in bursts), times every answer by ID and
 //! prints one JSON line: sent, answered, how many answers were SERVFAIL (a proxy's
 //! own SERVFAIL is fast, and would flatter its latency), and p50/p90/p99/p99.9/max in
-//! microseconds.
+//! microseconds over every query sent, an unanswered one counting as slower than any
+//! answer (`null` where a percentile lands on one).
 //!
 //! ```text
 //! cargo run --release --example latency -- 127.0.0.1:5353 20000 5
@@ -104,15 +105,19 @@ fn main() {
     done.store(true, Ordering::Release);
     let (mut rtts, servfail) = receiver.join().unwrap();
     rtts.sort_unstable();
-    let pct = |p: f64| {
-        if rtts.is_empty() {
-            0.0
-        } else {
-            rtts[((p / 100.0) * (rtts.len() - 1) as f64).round() as usize] as f64 / 1000.0
+    // Percentiles over every query sent, not only the answered ones: a query that got
+    // no answer counts as slower than any answer (`null` when a percentile lands on
+    // one). Otherwise a proxy that drops queries while it stalls (a small socket
+    // buffer) would look faster at p99 than one that queues them and answers late.
+    let pct = |p: f64| -> String {
+        let rank = ((p / 100.0) * (sent.max(1) - 1) as f64).round() as usize;
+        match rtts.get(rank) {
+            Some(ns) => format!("{:.1}", *ns as f64 / 1000.0),
+            None => "null".into(),
         }
     };
     println!(
-        "{{\"sent\": {sent}, \"answered\": {}, \"servfail\": {servfail}, \"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}, \"p999_us\": {:.1}, \"max_us\": {:.1}}}",
+        "{{\"sent\": {sent}, \"answered\": {}, \"servfail\": {servfail}, \"p50_us\": {}, \"p90_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"max_us\": {}}}",
         rtts.len(),
         pct(50.0),
         pct(90.0),
