@@ -252,6 +252,17 @@ def nginx_pids(work):
     return [master] + [int(k) for k in kids]
 
 
+def interleaved(rounds, protos, targets):
+    """(round, protocol, target) in the order measured: round k measures every target
+    once before round k+1 starts, so a slow spell of this shared machine hits all
+    targets alike instead of one. The floor relay is UDP only."""
+    for k in range(rounds):
+        for proto in protos:
+            for t in targets:
+                if not (t == "floor" and proto == "tcp"):
+                    yield k, proto, t
+
+
 def cpu_ticks(pids):
     total = 0
     for pid in pids:
@@ -427,22 +438,16 @@ def main():
             p = start_floor(procs, work)
             pids["floor"] = lambda p=p: p
         time.sleep(2)  # health checks settle
-        # Maximum throughput, interleaved like the CPU rounds below: round k measures
-        # every target once before round k+1 starts, so a slow spell of this shared
-        # machine (runs swing by 20 % and more) hits all targets alike. Median of rounds.
+        # Maximum throughput, median of interleaved rounds (runs swing by 20 % and more).
         log(f"== maximum throughput, {a.rounds} interleaved rounds")
         runs = {}
-        for k in range(a.rounds):
-            for proto in protos:
-                for t in targets:
-                    if t == "floor" and proto == "tcp":
-                        continue
-                    if proto == "tcp":
-                        x = dnsperf(PORTS[t], qfile, a.seconds, tcp=True, clients=32, outstanding=64)
-                    else:
-                        x = dnsperf(PORTS[t], qfile, a.seconds)
-                    runs.setdefault((t, proto), []).append(x)
-                    log(f"  round {k + 1} {t} {proto.upper()}: {x['qps']:.0f} qps (SERVFAIL {x['servfail']})")
+        for k, proto, t in interleaved(a.rounds, protos, targets):
+            if proto == "tcp":
+                x = dnsperf(PORTS[t], qfile, a.seconds, tcp=True, clients=32, outstanding=64)
+            else:
+                x = dnsperf(PORTS[t], qfile, a.seconds)
+            runs.setdefault((t, proto), []).append(x)
+            log(f"  round {k + 1} {t} {proto.upper()}: {x['qps']:.0f} qps (SERVFAIL {x['servfail']})")
         for t in targets:
             # SERVFAIL answers over every load run: dnsperf counts them as answered.
             results[t] = {"servfail": sum(x["servfail"] for p in protos for x in runs.get((t, p), []))}
@@ -476,25 +481,19 @@ def main():
                 r["cutover_cmd"] = c["cmd"]
                 log(f"  {a.swaps} cut-overs at {a.swap_rate} qps: sent {c['sent']:.0f}, lost {c['lost']:.0f}, "
                     f"SERVFAIL {c['servfail']}")
-        # CPU per query at a fixed rate, interleaved: round k measures every target
-        # once before round k+1 starts, so a slow spell of this shared machine hits
-        # all targets alike instead of one. Median of the rounds.
+        # CPU per query at a fixed rate, median of interleaved rounds.
         log(f"== CPU per query at {a.rate} qps, {a.rounds} interleaved rounds")
         samples = {}
-        for k in range(a.rounds):
-            for proto in protos:
-                for t in targets:
-                    if t == "floor" and proto == "tcp":
-                        continue
-                    before = cpu_ticks(pids[t]())
-                    fixed = dnsperf(PORTS[t], qfile, a.seconds, qps=a.rate, tcp=proto == "tcp", clients=8)
-                    ticks = cpu_ticks(pids[t]()) - before
-                    us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(fixed["completed"], 1)
-                    samples.setdefault((t, proto), []).append(us)
-                    results[t]["servfail"] = results[t].get("servfail", 0) + fixed["servfail"]
-                    log(f"  round {k + 1} {t} {proto.upper()}: {us:.1f} us/query "
-                        f"({fixed['completed']:.0f} answered, lost {fixed['lost']:.0f}, "
-                        f"SERVFAIL {fixed['servfail']})")
+        for k, proto, t in interleaved(a.rounds, protos, targets):
+            before = cpu_ticks(pids[t]())
+            fixed = dnsperf(PORTS[t], qfile, a.seconds, qps=a.rate, tcp=proto == "tcp", clients=8)
+            ticks = cpu_ticks(pids[t]()) - before
+            us = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(fixed["completed"], 1)
+            samples.setdefault((t, proto), []).append(us)
+            results[t]["servfail"] += fixed["servfail"]
+            log(f"  round {k + 1} {t} {proto.upper()}: {us:.1f} us/query "
+                f"({fixed['completed']:.0f} answered, lost {fixed['lost']:.0f}, "
+                f"SERVFAIL {fixed['servfail']})")
         for (t, proto), xs in samples.items():
             results[t][f"{proto}_cpu_us"] = statistics.median(xs)
     finally:
