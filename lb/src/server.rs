@@ -282,8 +282,11 @@ impl Server {
             let handle = std::thread::Builder::new()
                 .name(format!("dnslb-tcp-{i}"))
                 .spawn(move || {
+                    // Sockets and timers only: no signal or process driver to
+                    // consult every time the thread parks.
                     let result = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
+                        .enable_io()
+                        .enable_time()
                         .build()
                         .and_then(|rt| {
                             let local = tokio::task::LocalSet::new();
