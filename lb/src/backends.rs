@@ -70,7 +70,11 @@ pub struct BackendRuntime {
     last_answer_ms: AtomicU64,
     outstanding: AtomicU64,
     queries: AtomicU64,
+    /// Answers received (any RCODE).
+    answers: AtomicU64,
     timeouts: AtomicU64,
+    /// `(answers, timeouts)` when the health loop last looked (see `passive_round`).
+    last_round: Mutex<(u64, u64)>,
     /// Metric handles.
     pub metrics: metrics::Backend,
 }
@@ -101,7 +105,9 @@ impl BackendRuntime {
             last_answer_ms: AtomicU64::new(0),
             outstanding: AtomicU64::new(0),
             queries: AtomicU64::new(0),
+            answers: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            last_round: Mutex::new((0, 0)),
             metrics: m,
         }
     }
@@ -152,6 +158,7 @@ impl BackendRuntime {
     #[inline]
     pub fn on_response(&self, rcode: u8, sent: Instant, now: Instant) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.answers.fetch_add(1, Ordering::Relaxed);
         self.metrics.response(rcode);
         self.metrics
             .latency
@@ -186,6 +193,36 @@ impl BackendRuntime {
         let n = self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= fall && self.health() != Health::Down {
             self.set_health(Health::Down, &format!("{n} query timeouts in a row"));
+        }
+    }
+
+    /// The passive signal's second rule, run by the health loop once per round: if at
+    /// least `fall` queries timed out since the last round and they are more than
+    /// half of the queries whose fate was decided since (answered or timed out), the
+    /// backend is taken down, though it still answers some. A backend that loses most
+    /// of its queries would otherwise stay up as long as one answer a while gets
+    /// through, since each answer ends a streak; one that loses a burst now and then
+    /// (a stall) is not affected.
+    pub fn passive_round(&self, fall: u32) {
+        let (answers, timeouts) = (
+            self.answers.load(Ordering::Relaxed),
+            self.timeouts.load(Ordering::Relaxed),
+        );
+        let (answered, timed_out) = {
+            let mut last = self.last_round.lock().unwrap_or_else(|e| e.into_inner());
+            let d = (answers - last.0, timeouts - last.1);
+            *last = (answers, timeouts);
+            d
+        };
+        if timed_out >= u64::from(fall) && timed_out > answered && self.health() != Health::Down {
+            self.passes.store(0, Ordering::Relaxed);
+            self.set_health(
+                Health::Down,
+                &format!(
+                    "{timed_out} of {} queries timed out since the last check",
+                    timed_out + answered
+                ),
+            );
         }
     }
 
@@ -715,6 +752,45 @@ mod tests {
         assert_eq!(rt.health(), Health::Up);
         assert_eq!(rt.timeouts_total(), 10);
         assert_eq!(rt.outstanding(), 0);
+    }
+
+    #[test]
+    fn losing_most_queries_takes_a_backend_down_though_some_are_answered() {
+        let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
+        rt.record_pass(2);
+        let t0 = Instant::now();
+        let later = t0 + std::time::Duration::from_millis(10);
+        // A round with 1 % lost: stays up.
+        for i in 0..100 {
+            rt.on_forward();
+            if i < 99 {
+                rt.on_response(0, t0, later);
+            } else {
+                rt.on_timeout(t0, 3);
+            }
+        }
+        rt.passive_round(3);
+        assert_eq!(rt.health(), Health::Up);
+        // A round with 3 of 5 lost, each timeout followed by an answer (so never a
+        // streak): down.
+        for i in 0..5 {
+            rt.on_forward();
+            if i % 2 == 0 {
+                rt.on_timeout(t0, 3);
+            } else {
+                rt.on_response(0, t0, later);
+            }
+        }
+        assert_eq!(rt.health(), Health::Up);
+        rt.passive_round(3);
+        assert_eq!(rt.health(), Health::Down);
+        // Only what happened since the last round counts: a quiet round changes nothing,
+        // and checks bring it back.
+        rt.passive_round(3);
+        rt.record_pass(2);
+        rt.record_pass(2);
+        rt.passive_round(3);
+        assert_eq!(rt.health(), Health::Up);
     }
 
     #[test]

@@ -694,6 +694,9 @@ async fn run_upstream(
     // many queries were waiting for it.
     up.closed.set(true);
     let lost: Vec<Pending> = up.pending.borrow_mut().drain().map(|(_, p)| p).collect();
+    // The refusal is charged as of the latest query that waited for the connection:
+    // it counts toward the backend's streak unless the backend answered since.
+    let latest = lost.iter().map(|p| p.sent).max();
     let tun = w.tunables();
     let mut touched = Vec::new();
     let mut charged = false;
@@ -708,7 +711,7 @@ async fn run_upstream(
             if charged {
                 p.backend.on_abandon();
             } else {
-                p.backend.on_timeout(p.sent, tun.fall);
+                p.backend.on_timeout(latest.unwrap_or(p.sent), tun.fall);
                 charged = true;
             }
             let other = w

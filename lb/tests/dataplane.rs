@@ -982,6 +982,64 @@ fn answers_reach_the_client_byte_for_byte_as_the_backend_sent_them() {
     assert_eq!(checked, cases().len() * 4);
 }
 
+/// A UDP backend that relays each query to a real named unless `drop` says to lose it.
+fn dropping_backend(
+    named: SocketAddr,
+    mut drop: impl FnMut(&[u8]) -> bool + Send + 'static,
+) -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            if drop(q) {
+                continue;
+            }
+            if let Ok(a) = udp_query_raw(named, q, T) {
+                let _ = sock.send_to(&a, from);
+            }
+        }
+    });
+    addr
+}
+
+/// dnslb's health check: the configured name (example.test.), type SOA.
+fn is_health_check(q: &[u8]) -> bool {
+    q.windows(4).any(|w| w == [0, 0, 6, 0]) // end of name, qtype SOA, class high byte
+}
+
+#[test]
+fn a_backend_that_answers_checks_but_no_queries_goes_down_after_fall_timeouts() {
+    // Health checks pass (and run only at start here); real queries are never
+    // answered: after `fall` (3) timeouts with no answer since, it is down, and
+    // clients get SERVFAIL at once instead of waiting for a timeout.
+    let named = Named::start();
+    let addr = dropping_backend(named.addr, |q| !is_health_check(q));
+    let lb = Dnslb::start(
+        &config(&[("silent", addr)], "[balance]\nquery_timeout_ms = 200\n")
+            .replace("interval_ms = 200", "interval_ms = 60000"),
+    );
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..3 {
+        c.send_to(
+            &query(&format!("q{i}.wild.example.test."), RecordType::A, true),
+            lb.dns,
+        )
+        .unwrap();
+    }
+    assert!(
+        eventually(T, || lb
+            .logs()
+            .iter()
+            .any(|l| l.contains("3 query timeouts in a row"))),
+        "{:?}",
+        lb.logs()
+    );
+    let a = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
+    assert_eq!(a.response_code, ResponseCode::ServFail);
+}
+
 #[test]
 fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering() {
     // A backend whose receive buffer overflowed for a moment: it never sees five
@@ -989,25 +1047,17 @@ fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering()
     // at once; they are timeouts, but not "in a row" (answers to later queries came
     // back in between), so the backend stays up and clients get answers, not SERVFAIL.
     let named = Named::start();
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = sock.local_addr().unwrap();
     let lost = Arc::new(AtomicUsize::new(0));
-    let (lost2, backend) = (lost.clone(), named.addr);
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 4096];
-        while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            let q = &buf[..n];
-            if q.windows(4).any(|w| w == b"lost") {
-                lost2.fetch_add(1, Ordering::SeqCst);
-                continue;
-            }
-            if let Ok(a) = udp_query_raw(backend, q, T) {
-                let _ = sock.send_to(&a, from);
-            }
+    let lost2 = lost.clone();
+    let addr = dropping_backend(named.addr, move |q| {
+        let drop = q.windows(4).any(|w| w == b"lost");
+        if drop {
+            lost2.fetch_add(1, Ordering::SeqCst);
         }
+        drop
     });
     let lb = Dnslb::start(
-        &config(&[("lossy", addr)], "[balance]\nquery_timeout_ms = 300\n")
+        &config(&[("lossy", addr)], "[balance]\nquery_timeout_ms = 500\n")
             .replace("interval_ms = 200", "interval_ms = 60000"),
     );
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1020,7 +1070,7 @@ fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering()
     }
     // Answered queries for well past the deadline of the lost ones.
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(700) {
+    while start.elapsed() < Duration::from_millis(1000) {
         let q = query("www.example.test.", RecordType::A, true);
         let a = udp_query(lb.dns, &q, T).unwrap();
         assert_eq!(a.response_code, ResponseCode::NoError);
@@ -1033,4 +1083,37 @@ fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering()
     assert_eq!(b["health"], "up", "{b}");
     let a = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
     assert_eq!(a.response_code, ResponseCode::NoError);
+}
+
+#[test]
+fn a_backend_that_loses_most_queries_is_taken_down_though_some_are_answered() {
+    // It drops three of every five queries (but answers every health check): each
+    // answer ends a streak of timeouts, so only the share of queries lost between two
+    // health-check rounds can tell that it is broken.
+    let named = Named::start();
+    let mut n_query = 0u64;
+    let addr = dropping_backend(named.addr, move |q| {
+        if is_health_check(q) {
+            return false;
+        }
+        n_query += 1;
+        n_query % 5 < 3
+    });
+    let lb = Dnslb::start(
+        &config(&[("lossy", addr)], "[balance]\nquery_timeout_ms = 200\n")
+            .replace("interval_ms = 200", "interval_ms = 500"),
+    );
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = [0u8; 4096];
+    let went_down = eventually(Duration::from_secs(5), || {
+        for _ in 0..10 {
+            let _ = c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns);
+            let _ = c.recv_from(&mut buf);
+        }
+        lb.logs()
+            .iter()
+            .any(|l| l.contains("queries timed out since the last check"))
+    });
+    assert!(went_down, "{:?}", lb.logs());
 }
