@@ -178,7 +178,8 @@ def start_c(procs, work, name, args):
     if not cc:
         raise RuntimeError(f"no C compiler for bench/{name}.c")
     exe = os.path.join(work, name)
-    subprocess.run([cc, "-O2", "-o", exe, os.path.join(ROOT, f"bench/{name}.c")], check=True)
+    if not os.path.exists(exe):
+        subprocess.run([cc, "-O2", "-o", exe, os.path.join(ROOT, f"bench/{name}.c")], check=True)
     return procs.start(name, [exe] + [str(x) for x in args])
 
 
@@ -472,6 +473,7 @@ def main():
                 f"{lat['servfail']} SERVFAIL)")
             rss_run = dnsperf(port, qfile, a.seconds, qps=a.rss_rate, clients=8)
             r["rss_kib"] = peak_rss_kib(pids[t]())
+            r["servfail"] += rss_run["servfail"]
             log(f"  peak RSS after {a.rss_rate} qps: {r['rss_kib'] / 1024:.1f} MiB (answered {rss_run['completed']:.0f})")
             if t != "bind":
                 c = cutovers(t, work, qfile, a.swaps, a.swap_rate)
@@ -603,7 +605,8 @@ ratios within one run.
   same run. On this shared VM the p99 of every target, BIND included, is dominated by
   scheduling stalls of several milliseconds; p50 and p90 are the stable figures.
 - peak RSS: VmHWM of the target's processes after a {a.rss_rate} qps run.
-- SERVFAIL answers: over every throughput round, CPU round and the latency probe.
+- SERVFAIL answers: over every throughput round, CPU round, the latency probe and
+  the RSS run.
   dnsperf counts a SERVFAIL as an answered query, and a proxy's own SERVFAIL is cheap
   and fast, so throughput, CPU and latency figures only count when this is 0.
 - cut-overs: {a.swaps} changes under a steady {a.swap_rate} qps dnsperf load, one every
