@@ -196,14 +196,11 @@ impl BackendRuntime {
         }
     }
 
-    /// The passive signal's second rule, run by the health loop once per round: if at
-    /// least `fall` queries timed out since the last round and they are more than
-    /// half of the queries whose fate was decided since (answered or timed out), the
-    /// backend is taken down, though it still answers some. A backend that loses most
-    /// of its queries would otherwise stay up as long as one answer a while gets
-    /// through, since each answer ends a streak; one that loses a burst now and then
-    /// (a stall) is not affected.
-    pub fn passive_round(&self, fall: u32) {
+    /// The passive signal's second rule (see [`Snapshot::loss_round`]): whether, since
+    /// the last call, at least `fall` queries timed out and they are more than half of
+    /// the queries whose fate was decided (answered or timed out). Returns why, if so
+    /// and the backend is not down already.
+    fn lost_most(&self, fall: u32) -> Option<String> {
         let (answers, timeouts) = (
             self.answers.load(Ordering::Relaxed),
             self.timeouts.load(Ordering::Relaxed),
@@ -214,16 +211,13 @@ impl BackendRuntime {
             *last = (answers, timeouts);
             d
         };
-        if timed_out >= u64::from(fall) && timed_out > answered && self.health() != Health::Down {
-            self.passes.store(0, Ordering::Relaxed);
-            self.set_health(
-                Health::Down,
-                &format!(
+        (timed_out >= u64::from(fall) && timed_out > answered && self.health() != Health::Down)
+            .then(|| {
+                format!(
                     "{timed_out} of {} queries timed out since the last check",
                     timed_out + answered
-                ),
-            );
-        }
+                )
+            })
     }
 
     /// A query was abandoned without charging the backend (it was never sent).
@@ -306,6 +300,46 @@ pub struct Snapshot {
     pub generation: u64,
     /// In configuration order (first-available relies on it).
     pub entries: Vec<Entry>,
+}
+
+impl Snapshot {
+    /// The passive signal's second rule, run by the health loop once per round. A
+    /// backend that loses most of its queries while answering some never builds a
+    /// streak of timeouts (each answer ends it), so: a backend that lost at least
+    /// `fall` queries since the last round, and more than half of those decided, goes
+    /// down. One that loses a burst now and then (a stall) is not affected. Unless no
+    /// usable backend would be left: when every backend loses most of its queries
+    /// alike (an overload), SERVFAIL for every client would be worse than the answers
+    /// that still get through, so they stay up and this is logged.
+    pub fn loss_round(&self, fall: u32) {
+        let lossy: Vec<(usize, String)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.runtime.lost_most(fall).map(|why| (i, why)))
+            .collect();
+        if lossy.is_empty() {
+            return;
+        }
+        let others_usable = self
+            .entries
+            .iter()
+            .enumerate()
+            .any(|(i, e)| e.usable() && !lossy.iter().any(|(j, _)| *j == i));
+        for (i, why) in lossy {
+            let rt = &self.entries[i].runtime;
+            if others_usable {
+                rt.passes.store(0, Ordering::Relaxed);
+                rt.set_health(Health::Down, &why);
+            } else {
+                tracing::warn!(
+                    backend = %rt.name,
+                    address = %rt.address,
+                    "{why}; kept up: no other usable backend would be left"
+                );
+            }
+        }
+    }
 }
 
 /// Per-worker selection state: round-robin position and a random generator, so the
@@ -754,43 +788,71 @@ mod tests {
         assert_eq!(rt.outstanding(), 0);
     }
 
-    #[test]
-    fn losing_most_queries_takes_a_backend_down_though_some_are_answered() {
-        let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
-        rt.record_pass(2);
+    /// `n` queries to `rt`, of which those with `lost(i)` time out (each right after
+    /// an answer, so never a streak).
+    fn traffic(rt: &BackendRuntime, n: usize, lost: impl Fn(usize) -> bool) {
         let t0 = Instant::now();
         let later = t0 + std::time::Duration::from_millis(10);
-        // A round with 1 % lost: stays up.
-        for i in 0..100 {
+        for i in 0..n {
             rt.on_forward();
-            if i < 99 {
-                rt.on_response(0, t0, later);
-            } else {
-                rt.on_timeout(t0, 3);
-            }
-        }
-        rt.passive_round(3);
-        assert_eq!(rt.health(), Health::Up);
-        // A round with 3 of 5 lost, each timeout followed by an answer (so never a
-        // streak): down.
-        for i in 0..5 {
-            rt.on_forward();
-            if i % 2 == 0 {
+            if lost(i) {
                 rt.on_timeout(t0, 3);
             } else {
                 rt.on_response(0, t0, later);
             }
         }
-        assert_eq!(rt.health(), Health::Up);
-        rt.passive_round(3);
-        assert_eq!(rt.health(), Health::Down);
-        // Only what happened since the last round counts: a quiet round changes nothing,
-        // and checks bring it back.
-        rt.passive_round(3);
-        rt.record_pass(2);
-        rt.record_pass(2);
-        rt.passive_round(3);
-        assert_eq!(rt.health(), Health::Up);
+    }
+
+    #[test]
+    fn losing_most_queries_takes_a_backend_down_though_some_are_answered() {
+        let set = BackendSet::new(1, &[member("a", 1, 1), member("b", 2, 1)]).unwrap();
+        let snap = set.load();
+        let (a, b) = (&snap.entries[0].runtime, &snap.entries[1].runtime);
+        a.record_pass(2);
+        b.record_pass(2);
+        // 1 % lost: stays up.
+        traffic(a, 100, |i| i == 99);
+        traffic(b, 100, |_| false);
+        snap.loss_round(3);
+        assert_eq!(a.health(), Health::Up);
+        // 3 of 5 lost (never 3 in a row): down, the other stays up.
+        traffic(a, 5, |i| i % 2 == 0);
+        traffic(b, 5, |_| false);
+        assert_eq!(a.health(), Health::Up);
+        snap.loss_round(3);
+        assert_eq!(a.health(), Health::Down);
+        assert_eq!(b.health(), Health::Up);
+        // Only what happened since the last round counts: a quiet round changes
+        // nothing, and checks bring it back.
+        snap.loss_round(3);
+        a.record_pass(2);
+        a.record_pass(2);
+        snap.loss_round(3);
+        assert_eq!(a.health(), Health::Up);
+    }
+
+    #[test]
+    fn the_loss_rule_never_takes_down_the_last_usable_backend() {
+        // Every backend loses most of its queries alike (an overload): they stay up,
+        // since SERVFAIL for everyone would be worse.
+        let set = BackendSet::new(1, &[member("a", 1, 1), member("b", 2, 1)]).unwrap();
+        let snap = set.load();
+        for e in &snap.entries {
+            e.runtime.record_pass(2);
+            traffic(&e.runtime, 5, |i| i % 2 == 0);
+        }
+        snap.loss_round(3);
+        assert!(snap
+            .entries
+            .iter()
+            .all(|e| e.runtime.health() == Health::Up));
+        // One of them alone: the same.
+        let only = BackendSet::new(1, &[member("a", 1, 1)]).unwrap();
+        let only = only.load();
+        only.entries[0].runtime.record_pass(2);
+        traffic(&only.entries[0].runtime, 5, |i| i % 2 == 0);
+        only.loss_round(3);
+        assert_eq!(only.entries[0].runtime.health(), Health::Up);
     }
 
     #[test]

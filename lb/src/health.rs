@@ -86,9 +86,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     loop {
         let cfg = shared.tunables.load().health.clone();
         let snap = shared.set.snapshot();
-        for e in &snap.entries {
-            e.runtime.passive_round(cfg.fall);
-        }
+        snap.loss_round(cfg.fall);
         let round = async {
             let mut checks = tokio::task::JoinSet::new();
             for e in &snap.entries {

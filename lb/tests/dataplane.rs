@@ -1085,35 +1085,72 @@ fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering()
     assert_eq!(a.response_code, ResponseCode::NoError);
 }
 
-#[test]
-fn a_backend_that_loses_most_queries_is_taken_down_though_some_are_answered() {
-    // It drops three of every five queries (but answers every health check): each
-    // answer ends a streak of timeouts, so only the share of queries lost between two
-    // health-check rounds can tell that it is broken.
-    let named = Named::start();
+/// A backend that drops three of every five queries (but answers every health check)
+/// and a dnslb in front of it and of `others`.
+fn lossy_setup(named: &Named, others: &[(&str, SocketAddr)]) -> Dnslb {
     let mut n_query = 0u64;
-    let addr = dropping_backend(named.addr, move |q| {
+    let lossy = dropping_backend(named.addr, move |q| {
         if is_health_check(q) {
             return false;
         }
         n_query += 1;
         n_query % 5 < 3
     });
-    let lb = Dnslb::start(
-        &config(&[("lossy", addr)], "[balance]\nquery_timeout_ms = 200\n")
-            .replace("interval_ms = 200", "interval_ms = 500"),
-    );
+    let mut backends = vec![("lossy", lossy)];
+    backends.extend_from_slice(others);
+    Dnslb::start(
+        &config(
+            &backends,
+            "[balance]\npolicy = \"round-robin\"\nquery_timeout_ms = 200\n",
+        )
+        .replace("interval_ms = 200", "interval_ms = 500"),
+    )
+}
+
+/// Sends queries through `lb` until a log line contains `what` (or 5 s pass).
+fn query_until_logged(lb: &Dnslb, what: &str) -> bool {
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     let mut buf = [0u8; 4096];
-    let went_down = eventually(Duration::from_secs(5), || {
+    eventually(Duration::from_secs(5), || {
         for _ in 0..10 {
             let _ = c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns);
             let _ = c.recv_from(&mut buf);
         }
+        lb.logs().iter().any(|l| l.contains(what))
+    })
+}
+
+#[test]
+fn a_backend_that_loses_most_queries_is_taken_down_though_some_are_answered() {
+    // Each answer ends a streak of timeouts, so only the share of queries lost between
+    // two health-check rounds can tell that it is broken. A healthy backend beside it
+    // takes the traffic.
+    let named = Named::start();
+    let healthy = Named::start();
+    let lb = lossy_setup(&named, &[("healthy", healthy.addr)]);
+    assert!(
+        query_until_logged(&lb, "queries timed out since the last check"),
+        "{:?}",
         lb.logs()
-            .iter()
-            .any(|l| l.contains("queries timed out since the last check"))
-    });
-    assert!(went_down, "{:?}", lb.logs());
+    );
+    let b: serde_json::Value =
+        serde_json::from_str(&lb.http("GET", "/v1/backends/healthy", None).1).unwrap();
+    assert_eq!(b["health"], "up", "{b}");
+}
+
+#[test]
+fn a_lossy_backend_with_no_other_usable_one_stays_up() {
+    // All there is loses most queries (an overload, say): SERVFAIL for every client
+    // would be worse than the answers that get through.
+    let named = Named::start();
+    let lb = lossy_setup(&named, &[]);
+    assert!(
+        query_until_logged(&lb, "kept up: no other usable backend would be left"),
+        "{:?}",
+        lb.logs()
+    );
+    let b: serde_json::Value =
+        serde_json::from_str(&lb.http("GET", "/v1/backends/lossy", None).1).unwrap();
+    assert_eq!(b["health"], "up", "{b}");
 }
