@@ -73,7 +73,7 @@ pub struct BackendRuntime {
     /// Answers received (any RCODE).
     answers: AtomicU64,
     timeouts: AtomicU64,
-    /// `(answers, timeouts)` when the health loop last looked (see `passive_round`).
+    /// `(answers, timeouts)` when the health loop last looked (see `lost_most`).
     last_round: Mutex<(u64, u64)>,
     /// Metric handles.
     pub metrics: metrics::Backend,
@@ -312,22 +312,20 @@ impl Snapshot {
     /// alike (an overload), SERVFAIL for every client would be worse than the answers
     /// that still get through, so they stay up and this is logged.
     pub fn loss_round(&self, fall: u32) {
-        let lossy: Vec<(usize, String)> = self
+        // One verdict per entry, in entry order.
+        let lossy: Vec<Option<String>> = self
             .entries
             .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.runtime.lost_most(fall).map(|why| (i, why)))
+            .map(|e| e.runtime.lost_most(fall))
             .collect();
-        if lossy.is_empty() {
-            return;
-        }
         let others_usable = self
             .entries
             .iter()
-            .enumerate()
-            .any(|(i, e)| e.usable() && !lossy.iter().any(|(j, _)| *j == i));
-        for (i, why) in lossy {
-            let rt = &self.entries[i].runtime;
+            .zip(&lossy)
+            .any(|(e, why)| why.is_none() && e.usable());
+        for (e, why) in self.entries.iter().zip(lossy) {
+            let Some(why) = why else { continue };
+            let rt = &e.runtime;
             if others_usable {
                 rt.passes.store(0, Ordering::Relaxed);
                 rt.set_health(Health::Down, &why);

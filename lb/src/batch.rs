@@ -221,27 +221,18 @@ impl Poller {
             events: libc::EPOLLIN as u32,
             u64: token,
         };
-        // SAFETY: `ev` is a valid epoll_event that outlives the call.
-        let r =
-            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.ctl(libc::EPOLL_CTL_ADD, fd, &mut ev)
     }
 
     /// Stops watching `fd`.
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
-        // SAFETY: EPOLL_CTL_DEL ignores the event pointer (null is allowed since 2.6.9).
-        let r = unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd,
-                std::ptr::null_mut(),
-            )
-        };
-        if r < 0 {
+        // EPOLL_CTL_DEL ignores the event pointer (null is allowed since 2.6.9).
+        self.ctl(libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut())
+    }
+
+    fn ctl(&self, op: i32, fd: RawFd, ev: *mut libc::epoll_event) -> io::Result<()> {
+        // SAFETY: `ev` is null (DEL) or points to an epoll_event that outlives the call.
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -1,8 +1,9 @@
 //! Start-up, reload and shutdown. [`Server::start`] loads the backend set (state file
-//! first, `[[backend]]` as the seed), starts the data plane (per worker, one UDP thread
-//! sleeping in its own epoll loop and one TCP thread running a single-threaded
-//! runtime; each owns its sockets), the health checker and the admin API. [`Server::shutdown`] stops accepting, lets in-flight queries finish within
-//! the grace period, then stops the admin API.
+//! first, `[[backend]]` as the seed), starts the data plane (`server.workers` UDP
+//! threads, each sleeping in its own epoll loop, and `server.tcp_workers` TCP threads,
+//! each running a single-threaded runtime; every thread owns its sockets), the health
+//! checker and the admin API. [`Server::shutdown`] stops accepting, lets in-flight
+//! queries finish within the grace period, then stops the admin API.
 
 use std::cell::RefCell;
 use std::io;

@@ -62,7 +62,7 @@ impl Tcp {
     /// charging their backends (run on the worker's tick).
     pub(crate) fn tick(&self, now: Instant, fall: u32) {
         self.pools.borrow_mut().retain(|_, v| {
-            v.retain(|u| !u.closed.get() && !u.out.failed.get());
+            v.retain(|u| u.alive());
             for u in v.iter() {
                 for (_, p) in u.pending.borrow_mut().extract_if(|_, p| p.deadline <= now) {
                     p.backend.on_timeout(p.sent, fall);
@@ -88,7 +88,7 @@ impl Tcp {
     fn upstream(&self, w: &Rc<Worker>, addr: SocketAddr, tun: &Tunables) -> Rc<Upstream> {
         let mut pools = self.pools.borrow_mut();
         let pool = pools.entry(addr).or_default();
-        pool.retain(|u| !u.closed.get() && !u.out.failed.get());
+        pool.retain(|u| u.alive());
         let best = pool.iter().min_by_key(|u| u.load()).cloned();
         match best {
             Some(u) if u.load() < tun.tcp.backend_pipeline => u,
@@ -642,6 +642,11 @@ impl Upstream {
             idle,
         ));
         up
+    }
+
+    /// Neither closed nor failed: new queries may go on it.
+    fn alive(&self) -> bool {
+        !self.closed.get() && !self.out.failed.get()
     }
 
     /// Queries on it (pipelining depth).

@@ -577,14 +577,13 @@ fn grace_period_bounds_shutdown_when_a_backend_never_answers() {
     // A backend that swallows queries keeps them in flight; the grace period ends it.
     let black_hole = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = black_hole.local_addr().unwrap();
-    let mut lb = Dnslb::start(
-        &config(
+    let mut lb = Dnslb::start(&checks_at_start_only(
+        config(
             &[("hole", addr)],
             "[server]\nshutdown_grace_ms = 700\n[balance]\nquery_timeout_ms = 10000\n[health]\n",
         )
-        .replace("[health]\n\n", "")
-        .replace("interval_ms = 200", "interval_ms = 60000"),
-    );
+        .replace("[health]\n\n", ""),
+    ));
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.send_to(&query("www.example.test.", RecordType::A, true), lb.dns)
         .unwrap();
@@ -758,10 +757,10 @@ fn idle_tcp_connections_are_closed_and_the_connection_cap_holds() {
 fn a_query_that_times_out_frees_its_slot_and_is_counted() {
     let black_hole = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = black_hole.local_addr().unwrap();
-    let lb = Dnslb::start(
-        &config(&[("hole", addr)], "[balance]\nquery_timeout_ms = 300\n")
-            .replace("interval_ms = 200", "interval_ms = 60000"),
-    );
+    let lb = Dnslb::start(&checks_at_start_only(config(
+        &[("hole", addr)],
+        "[balance]\nquery_timeout_ms = 300\n",
+    )));
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(800)))
         .unwrap();
@@ -791,13 +790,10 @@ fn a_tcp_query_to_a_backend_that_refuses_connections_is_retried_on_another() {
     // refused connection itself moves the query to the live backend.
     let ns = Named::start();
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let lb = Dnslb::start(
-        &config(
-            &[("dead", dead), ("live", ns.addr)],
-            "[balance]\npolicy = \"first-available\"\n",
-        )
-        .replace("interval_ms = 200", "interval_ms = 60000"),
-    );
+    let lb = Dnslb::start(&checks_at_start_only(config(
+        &[("dead", dead), ("live", ns.addr)],
+        "[balance]\npolicy = \"first-available\"\n",
+    )));
     let q = query("www.example.test.", RecordType::A, true);
     let m = Message::from_vec(&tcp_query_raw(lb.dns, &q).unwrap()).unwrap();
     assert_eq!(m.response_code, ResponseCode::NoError);
@@ -1004,6 +1000,23 @@ fn dropping_backend(
     addr
 }
 
+/// `config` with health checks that run once, at start: the test sees only what
+/// traffic does (passive signals), and a dead backend stays in use.
+fn checks_at_start_only(config: String) -> String {
+    config.replace("interval_ms = 200", "interval_ms = 60000")
+}
+
+/// Sends `n` queries for `<prefix><i>.wild.example.test. A` to `lb`, not waiting for
+/// answers.
+fn send_queries(lb: &Dnslb, prefix: &str, n: usize) {
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..n {
+        let name = format!("{prefix}{i}.wild.example.test.");
+        c.send_to(&query(&name, RecordType::A, true), lb.dns)
+            .unwrap();
+    }
+}
+
 /// dnslb's health check: the configured name (example.test.), type SOA.
 fn is_health_check(q: &[u8]) -> bool {
     q.windows(4).any(|w| w == [0, 0, 6, 0]) // end of name, qtype SOA, class high byte
@@ -1016,18 +1029,11 @@ fn a_backend_that_answers_checks_but_no_queries_goes_down_after_fall_timeouts() 
     // clients get SERVFAIL at once instead of waiting for a timeout.
     let named = Named::start();
     let addr = dropping_backend(named.addr, |q| !is_health_check(q));
-    let lb = Dnslb::start(
-        &config(&[("silent", addr)], "[balance]\nquery_timeout_ms = 200\n")
-            .replace("interval_ms = 200", "interval_ms = 60000"),
-    );
-    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    for i in 0..3 {
-        c.send_to(
-            &query(&format!("q{i}.wild.example.test."), RecordType::A, true),
-            lb.dns,
-        )
-        .unwrap();
-    }
+    let lb = Dnslb::start(&checks_at_start_only(config(
+        &[("silent", addr)],
+        "[balance]\nquery_timeout_ms = 200\n",
+    )));
+    send_queries(&lb, "q", 3);
     assert!(
         eventually(T, || lb
             .logs()
@@ -1056,18 +1062,11 @@ fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering()
         }
         drop
     });
-    let lb = Dnslb::start(
-        &config(&[("lossy", addr)], "[balance]\nquery_timeout_ms = 500\n")
-            .replace("interval_ms = 200", "interval_ms = 60000"),
-    );
-    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    for i in 0..5 {
-        c.send_to(
-            &query(&format!("lost{i}.wild.example.test."), RecordType::A, true),
-            lb.dns,
-        )
-        .unwrap();
-    }
+    let lb = Dnslb::start(&checks_at_start_only(config(
+        &[("lossy", addr)],
+        "[balance]\nquery_timeout_ms = 500\n",
+    )));
+    send_queries(&lb, "lost", 5);
     // Answered queries for well past the deadline of the lost ones.
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(1000) {
