@@ -772,8 +772,7 @@ fn a_query_that_times_out_frees_its_slot_and_is_counted() {
         "no answer: the backend never replied"
     );
     assert!(eventually(T, || {
-        let b: serde_json::Value =
-            serde_json::from_str(&lb.http("GET", "/v1/backends/hole", None).1).unwrap();
+        let b = lb.backend("hole");
         b["timeouts_total"] == 1 && b["outstanding"] == 0
     }));
     let m = lb.http("GET", "/metrics", None).1;
@@ -837,8 +836,7 @@ fn a_tcp_client_at_its_inflight_cap_is_not_read_until_a_query_finishes() {
     assert!(eventually(Duration::from_secs(5), || forwarded
         .load(Ordering::SeqCst)
         == 6));
-    let b: serde_json::Value =
-        serde_json::from_str(&lb.http("GET", "/v1/backends/stall", None).1).unwrap();
+    let b = lb.backend("stall");
     assert!(b["timeouts_total"].as_u64().unwrap() >= 4, "{b}");
 }
 
@@ -1076,8 +1074,7 @@ fn a_burst_of_lost_datagrams_does_not_take_down_a_backend_that_keeps_answering()
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(lost.load(Ordering::SeqCst), 5);
-    let b: serde_json::Value =
-        serde_json::from_str(&lb.http("GET", "/v1/backends/lossy", None).1).unwrap();
+    let b = lb.backend("lossy");
     assert_eq!(b["timeouts_total"], 5, "{b}");
     assert_eq!(b["health"], "up", "{b}");
     let a = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
@@ -1133,8 +1130,7 @@ fn a_backend_that_loses_most_queries_is_taken_down_though_some_are_answered() {
         "{:?}",
         lb.logs()
     );
-    let b: serde_json::Value =
-        serde_json::from_str(&lb.http("GET", "/v1/backends/healthy", None).1).unwrap();
+    let b = lb.backend("healthy");
     assert_eq!(b["health"], "up", "{b}");
 }
 
@@ -1149,7 +1145,6 @@ fn a_lossy_backend_with_no_other_usable_one_stays_up() {
         "{:?}",
         lb.logs()
     );
-    let b: serde_json::Value =
-        serde_json::from_str(&lb.http("GET", "/v1/backends/lossy", None).1).unwrap();
+    let b = lb.backend("lossy");
     assert_eq!(b["health"], "up", "{b}");
 }

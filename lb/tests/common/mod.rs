@@ -305,6 +305,12 @@ impl Dnslb {
     pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         http(self.admin, method, path, body, None)
     }
+
+    /// `GET /v1/backends/<name>`, parsed.
+    pub fn backend(&self, name: &str) -> serde_json::Value {
+        let body = self.http("GET", &format!("/v1/backends/{name}"), None).1;
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
 }
 
 impl Drop for Dnslb {
