@@ -7,7 +7,12 @@
 //!
 //! ```text
 //! cargo run --release --example latency -- 127.0.0.1:5353 20000 5
+//! cargo run --release --example latency -- 127.0.0.1:5353 20000 5 unique
 //! ```
+//!
+//! With `unique`, query n asks for `q<n>.wild.example.test. TXT` (a wildcard of the
+//! test zone), so that every packet of it, on both sides of a proxy, can be told from
+//! every other query's in a capture (bench/residence.py).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,12 +41,30 @@ fn queries() -> Vec<Vec<u8>> {
     .collect()
 }
 
+/// One query per name: `q<n>.wild.example.test. TXT` for n in 0..count.
+fn unique_queries(count: u64) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|n| {
+            let mut m = Message::new(0, MessageType::Query, OpCode::Query);
+            m.metadata.recursion_desired = false;
+            let name = Name::from_ascii(format!("q{n}.wild.example.test.")).unwrap();
+            m.add_query(Query::query(name, RecordType::TXT));
+            m.to_bytes().unwrap()
+        })
+        .collect()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 4 {
-        eprintln!("usage: latency SERVER:PORT QPS SECONDS");
+    let unique = match (args.len(), args.get(4).map(String::as_str)) {
+        (4, _) => Some(false),
+        (5, Some("unique")) => Some(true),
+        _ => None,
+    };
+    let Some(unique) = unique else {
+        eprintln!("usage: latency SERVER:PORT QPS SECONDS [unique]");
         std::process::exit(2);
-    }
+    };
     let server: SocketAddr = args[1].parse().expect("server address");
     let rate: f64 = args[2].parse().expect("qps");
     let seconds: f64 = args[3].parse().expect("seconds");
@@ -79,8 +102,12 @@ fn main() {
             }
         })
     };
-    let qs = queries();
     let total = (rate * seconds) as u64;
+    let qs = if unique {
+        unique_queries(total)
+    } else {
+        queries()
+    };
     let interval = Duration::from_secs_f64(1.0 / rate);
     let mut sent = 0u64;
     while sent < total {

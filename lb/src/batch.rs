@@ -1,6 +1,6 @@
 //! Batched UDP system calls: `recvmmsg` to take every datagram waiting on a socket in
-//! one call, `sendmmsg` to send several in one, the epoll instance a UDP worker
-//! sleeps in, and the registration of TCP streams with the runtime. This is the
+//! one call, `sendmmsg` to send several in one, and the epoll instance every worker
+//! thread sleeps in. This is the
 //! crate's only `unsafe` code, kept to the small functions that fill the kernel's
 //! arrays; everything they touch is owned by the structs here. The benchmark in
 //! `bench/` is what justifies it: per query it saves the `recvfrom` that returned
@@ -189,18 +189,27 @@ impl SendBatch {
     }
 }
 
-/// A level-triggered epoll instance: what a UDP worker thread sleeps in. Each
-/// registered descriptor carries a token that `wait` hands back when it is readable.
-/// Registration is for readability only: sends never wait (a full socket buffer drops
-/// the datagram, counted), so no writable event ever wakes the worker.
+/// An epoll instance: what a worker thread sleeps in. Each registered descriptor
+/// carries a token that `wait` hands back when it is ready.
+///
+/// [`Poller::add`] registers for readability, level-triggered: a UDP socket or a
+/// listener, whose sends never wait. [`Poller::add_stream`] registers a TCP stream for
+/// both directions, edge-triggered: its owner reads until a short read and writes
+/// until the socket is full, and hears of it again only when something changes.
 pub struct Poller {
     epoll: OwnedFd,
     events: Vec<libc::epoll_event>,
 }
 
 impl Poller {
-    /// A new, empty epoll instance.
+    /// A new, empty epoll instance that reports up to 16 ready descriptors per wait.
     pub fn new() -> io::Result<Self> {
+        Self::with_capacity(16)
+    }
+
+    /// A new, empty epoll instance that reports up to `events` ready descriptors per
+    /// wait.
+    pub fn with_capacity(events: usize) -> io::Result<Self> {
         // SAFETY: plain system call; the result is checked before use.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -210,7 +219,7 @@ impl Poller {
             // SAFETY: `fd` was just returned by epoll_create1 and is owned by no one else.
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
             // SAFETY: epoll_event is a plain C struct; all-zero bytes are valid.
-            events: (0..16).map(|_| unsafe { zeroed() }).collect(),
+            events: (0..events.max(1)).map(|_| unsafe { zeroed() }).collect(),
         })
     }
 
@@ -219,6 +228,17 @@ impl Poller {
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        self.ctl(libc::EPOLL_CTL_ADD, fd, &mut ev)
+    }
+
+    /// Wakes `wait` with `token` whenever `fd` becomes readable or writable, or is
+    /// closed by its peer (edge-triggered). The caller keeps `fd` open while it is
+    /// registered; closing it unregisters it.
+    pub fn add_stream(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: token,
         };
         self.ctl(libc::EPOLL_CTL_ADD, fd, &mut ev)
@@ -238,11 +258,29 @@ impl Poller {
         Ok(())
     }
 
-    /// Sleeps until a registered descriptor is readable or `timeout` passes; appends
-    /// the tokens of the readable ones to `ready` (cleared first). A signal counts as
-    /// a timeout.
+    /// Sleeps until a registered descriptor is ready or `timeout` passes; appends
+    /// the tokens of the ready ones to `ready` (cleared first). A signal counts as a
+    /// timeout.
     pub fn wait(&mut self, ready: &mut Vec<u64>, timeout: std::time::Duration) -> io::Result<()> {
         ready.clear();
+        let events = self.wait_raw(timeout)?;
+        ready.extend(events.iter().map(|e| e.u64));
+        Ok(())
+    }
+
+    /// As [`Poller::wait`], with each token the `EPOLL*` flags it was reported with.
+    pub fn wait_events(
+        &mut self,
+        ready: &mut Vec<(u64, u32)>,
+        timeout: std::time::Duration,
+    ) -> io::Result<()> {
+        ready.clear();
+        let events = self.wait_raw(timeout)?;
+        ready.extend(events.iter().map(|e| (e.u64, e.events)));
+        Ok(())
+    }
+
+    fn wait_raw(&mut self, timeout: std::time::Duration) -> io::Result<&[libc::epoll_event]> {
         // Rounded up, so a deadline is never woken for just before it passes.
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: `events` is a live buffer of the length passed.
@@ -257,24 +295,13 @@ impl Poller {
         if n < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(())
+                Ok(&[])
             } else {
                 Err(e)
             };
         }
-        ready.extend(self.events[..n as usize].iter().map(|e| e.u64));
-        Ok(())
+        Ok(&self.events[..n as usize])
     }
-}
-
-/// Registers a TCP stream with the runtime, for readiness that the caller clears
-/// itself (see `tcp::FrameReader::fill`).
-pub fn register_stream(
-    s: std::net::TcpStream,
-) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpStream>> {
-    // SAFETY: the AsyncFd takes ownership of the stream, whose descriptor stays open
-    // and refers to the same socket until the AsyncFd (and with it the stream) drops.
-    unsafe { tokio::io::unix::AsyncFd::register(s) }.map_err(|e| e.into_parts().1)
 }
 
 fn to_socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {

@@ -17,6 +17,7 @@
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker).
 //! - [`server`] — start-up, worker threads, reload and graceful shutdown.
+//! - `control` — how the server tells a worker thread to drain or stop.
 //! - [`systemd`] — `sd_notify`.
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod backends;
 pub mod batch;
 pub mod config;
+mod control;
 pub mod health;
 pub mod metrics;
 pub mod packet;

@@ -1,33 +1,29 @@
 //! Start-up, reload and shutdown. [`Server::start`] loads the backend set (state file
 //! first, `[[backend]]` as the seed), starts the data plane (`server.workers` UDP
-//! threads, each sleeping in its own epoll loop, and `server.tcp_workers` TCP threads,
-//! each running a single-threaded runtime; every thread owns its sockets), the health
-//! checker and the admin API. [`Server::shutdown`] stops accepting, lets in-flight
+//! threads and `server.tcp_workers` TCP threads, each sleeping in its own epoll loop
+//! and owning its sockets), the health checker and the admin API. [`Server::shutdown`] stops accepting, lets in-flight
 //! queries finish within the grace period, then stops the admin API.
 
-use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, Semaphore};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::backends::{BackendSet, Member, Picker, SetError};
+use crate::backends::{BackendSet, Member, SetError};
 use crate::config::{Config, HealthConfig, Policy};
+use crate::control::Control;
 use crate::sockets::Listeners;
 use crate::state::{self, StateFile};
 use crate::{admin, health, metrics, tcp, udp};
 
-/// How often a TCP worker expires timed-out queries, forgets closed backend connections
-/// and picks up reloaded tunables.
-const TICK: Duration = Duration::from_millis(50);
+/// How often a data-plane worker (UDP or TCP) expires timed-out queries, enforces its
+/// other timers and picks up reloaded tunables.
+pub(crate) const WORKER_TICK: Duration = Duration::from_millis(50);
 
 /// Settings that SIGHUP may change while traffic flows.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +73,15 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Points a worker's copy of the tunables at the current ones if a reload changed
+    /// them (one pointer comparison per tick; no atomics per query).
+    pub(crate) fn refresh_tunables(&self, mine: &mut Arc<Tunables>) {
+        let cur = self.tunables.load();
+        if !Arc::ptr_eq(&cur, mine) {
+            *mine = arc_swap::Guard::into_inner(cur);
+        }
+    }
+
     /// Changes the backend set under its writer lock, persisting the result before it
     /// becomes visible. Returns the new generation.
     pub fn change(
@@ -93,29 +98,6 @@ impl Shared {
             )
             .map_err(|e| SetError::Rejected(e.to_string()))
         })
-    }
-}
-
-/// One TCP data-plane worker: everything its thread owns.
-pub(crate) struct Worker {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) tcp: tcp::Tcp,
-    pub(crate) picker: RefCell<Picker>,
-    tunables: RefCell<Rc<Tunables>>,
-}
-
-impl Worker {
-    /// The worker's copy of the tunables (refreshed each tick; no atomics per query).
-    #[inline]
-    pub(crate) fn tunables(&self) -> Rc<Tunables> {
-        self.tunables.borrow().clone()
-    }
-
-    fn refresh(&self) {
-        let cur = self.shared.tunables.load();
-        if **cur != **self.tunables.borrow() {
-            *self.tunables.borrow_mut() = Rc::new((**cur).clone());
-        }
     }
 }
 
@@ -144,14 +126,13 @@ pub enum StartError {
 /// A running dnslb.
 pub struct Server {
     shared: Arc<Shared>,
-    stop_accepting: CancellationToken,
-    hard_stop: CancellationToken,
     fatal: CancellationToken,
     workers: Vec<(
         std::thread::JoinHandle<()>,
         oneshot::Receiver<io::Result<()>>,
     )>,
-    udp_controls: Vec<Arc<udp::Control>>,
+    /// Every worker's drain and stop switch, UDP and TCP.
+    controls: Vec<Arc<Control>>,
     background: CancellationToken,
     admin: tokio::task::JoinHandle<()>,
     health: tokio::task::JoinHandle<()>,
@@ -232,15 +213,14 @@ impl Server {
             started: Instant::now(),
             dns_addrs: dns_addrs.clone(),
         });
-        let stop_accepting = CancellationToken::new();
-        let hard_stop = CancellationToken::new();
         let fatal = CancellationToken::new();
         let mut workers = Vec::new();
-        let mut udp_controls = Vec::new();
+        let mut controls = Vec::new();
+        let mut udp_count = 0;
         let tcp_count = listeners.tcp.len();
         for (i, udp_sockets) in listeners.udp.into_iter().enumerate() {
             let (tx, rx) = oneshot::channel();
-            let control = udp::Control::new().map_err(StartError::Worker)?;
+            let control = Control::new().map_err(StartError::Worker)?;
             // The worker's buffers hold raw pointers for the kernel, so it is built on
             // its own thread; start-up waits to hear that it was.
             let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
@@ -262,7 +242,7 @@ impl Server {
                         };
                         let result = udp_worker.run(&control);
                         if let Err(e) = &result {
-                            tracing::error!("UDP worker failing: {e}");
+                            tracing::error!("data-plane worker failing: UDP: {e}");
                             fatal.cancel();
                         }
                         let _ = tx.send(result);
@@ -274,34 +254,34 @@ impl Server {
                 .unwrap_or_else(|_| Err(io::Error::other("UDP worker thread died")))
                 .map_err(StartError::Worker)?;
             workers.push((handle, rx));
-            udp_controls.push(control);
+            controls.push(control);
+            udp_count += 1;
         }
         for (i, tcp) in listeners.tcp.into_iter().enumerate() {
             let (tx, rx) = oneshot::channel();
-            let shared = shared.clone();
-            let (stop, hard, fatal) = (stop_accepting.clone(), hard_stop.clone(), fatal.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("dnslb-tcp-{i}"))
-                .spawn(move || {
-                    // Sockets and timers only: no signal or process driver to
-                    // consult every time the thread parks.
-                    let result = tokio::runtime::Builder::new_current_thread()
-                        .enable_io()
-                        .enable_time()
-                        .build()
-                        .and_then(|rt| {
-                            let local = tokio::task::LocalSet::new();
-                            local.block_on(&rt, run_tcp_worker(shared, tcp, stop, hard, fatal))
-                        });
-                    let _ = tx.send(result);
-                })
-                .map_err(StartError::Worker)?;
+            let control = Control::new().map_err(StartError::Worker)?;
+            let tcp_worker =
+                tcp::TcpWorker::new(shared.clone(), tcp).map_err(StartError::Worker)?;
+            let handle = {
+                let (control, fatal) = (control.clone(), fatal.clone());
+                std::thread::Builder::new()
+                    .name(format!("dnslb-tcp-{i}"))
+                    .spawn(move || {
+                        let result = tcp_worker.run(&control, &|| fatal.cancel());
+                        if let Err(e) = &result {
+                            tracing::error!("data-plane worker failed: TCP: {e}");
+                            fatal.cancel();
+                        }
+                        let _ = tx.send(result);
+                    })
+                    .map_err(StartError::Worker)?
+            };
             workers.push((handle, rx));
+            controls.push(control);
         }
         for a in &dns_addrs {
             tracing::info!(
-                "listening for UDP and TCP on {a} ({} UDP and {tcp_count} TCP workers)",
-                udp_controls.len()
+                "listening for UDP and TCP on {a} ({udp_count} UDP and {tcp_count} TCP workers)"
             );
         }
         let background = CancellationToken::new();
@@ -328,11 +308,9 @@ impl Server {
         tracing::info!("admin API listening on http://{admin_addr}");
         Ok(Server {
             shared,
-            stop_accepting,
-            hard_stop,
             fatal,
             workers,
-            udp_controls,
+            controls,
             background,
             admin,
             health,
@@ -395,8 +373,7 @@ impl Server {
     /// Stops accepting queries, waits up to the grace period for those in flight,
     /// then stops health checks and the admin API.
     pub async fn shutdown(self) -> io::Result<()> {
-        self.stop_accepting.cancel();
-        for c in &self.udp_controls {
+        for c in &self.controls {
             c.drain();
         }
         let started = Instant::now();
@@ -410,8 +387,7 @@ impl Server {
                         "grace period of {:?} ran out; dropping queries still in flight",
                         self.grace
                     );
-                    self.hard_stop.cancel();
-                    for c in &self.udp_controls {
+                    for c in &self.controls {
                         c.hard_stop();
                     }
                     rx.await
@@ -442,76 +418,4 @@ pub async fn run(
     shutdown.cancelled().await;
     server.shutdown().await?;
     Ok(())
-}
-
-async fn run_tcp_worker(
-    shared: Arc<Shared>,
-    tcp_listeners: Vec<std::net::TcpListener>,
-    stop_accepting: CancellationToken,
-    hard_stop: CancellationToken,
-    fatal: CancellationToken,
-) -> io::Result<()> {
-    let tcp_listeners = tcp_listeners
-        .into_iter()
-        .map(tokio::net::TcpListener::from_std)
-        .collect::<io::Result<Vec<_>>>()?;
-    let tunables = Rc::new((**shared.tunables.load()).clone());
-    let w = Rc::new(Worker {
-        tcp: tcp::Tcp::new(tcp_listeners),
-        picker: RefCell::new(Picker::default()),
-        tunables: RefCell::new(tunables),
-        shared,
-    });
-    let connections = TaskTracker::new();
-    // Cancelled by a shutdown, or by this worker alone when it fails.
-    let stop = stop_accepting.child_token();
-    let mut listeners = JoinSet::new();
-    for i in 0..w.tcp.listeners.len() {
-        listeners.spawn_local(tcp::serve_listener(
-            w.clone(),
-            i,
-            stop.clone(),
-            connections.clone(),
-        ));
-    }
-    let stop_ticks = CancellationToken::new();
-    let ticker = {
-        let (w, stop) = (w.clone(), stop_ticks.clone());
-        tokio::task::spawn_local(async move {
-            let mut tick = tokio::time::interval(TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                w.refresh();
-                w.tcp.tick(Instant::now(), w.tunables().fall);
-            }
-        })
-    };
-    let mut result = Ok(());
-    tokio::select! {
-        _ = stop_accepting.cancelled() => {}
-        Some(r) = listeners.join_next() => {
-            result = Err(match r {
-                Ok(Err(e)) => e,
-                Ok(Ok(())) => io::Error::other("a listener stopped without being asked to"),
-                Err(e) => io::Error::other(e),
-            });
-            tracing::error!("TCP worker failing: {:?}", result);
-            fatal.cancel();
-            stop.cancel();
-        }
-    }
-    while listeners.join_next().await.is_some() {}
-    connections.close();
-    // Drain: TCP connections finish the queries they have read.
-    tokio::select! {
-        _ = hard_stop.cancelled() => w.tcp.abandon_all(),
-        _ = connections.wait() => {}
-    }
-    stop_ticks.cancel();
-    let _ = ticker.await;
-    result
 }

@@ -11,22 +11,22 @@
 //!
 //! Why no tokio here: at a fixed 20k qps each datagram arrives alone, so a proxy's
 //! cost is its wake-ups. A tokio worker spent 19–21 µs of CPU per query; the bare
-//! epoll loop below spends ~15, against ~13 for a C relay that does nothing else
-//! (see docs/benchmarks.md). TCP keeps its tokio runtime on a thread of its own.
+//! epoll loop below costs 1.1–1.2× what a C relay that does nothing else costs
+//! (`bench/floor-relay.c`; see docs/benchmarks.md). The TCP workers are plain epoll
+//! threads too (tcp.rs).
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::{Poller, RecvBatch, SendBatch};
+use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::packet::{self, Drop, QuestionKey};
-use crate::server::{Shared, Tunables};
+use crate::server::{Shared, Tunables, WORKER_TICK};
 
 /// Number of IDs towards backends per upstream socket.
 const IDS: usize = 1 << 16;
@@ -191,55 +191,10 @@ impl Inflight {
     }
 }
 
-/// How the server tells a UDP worker to stop: a state plus a socket that wakes it.
-pub(crate) struct Control {
-    state: AtomicU8,
-    poke: UnixDatagram,
-    wake: UnixDatagram,
-}
-
-const RUNNING: u8 = 0;
-/// Stop reading queries; keep forwarding answers until none is in flight.
-const DRAIN: u8 = 1;
-/// Give up the queries still in flight and return.
-const HARD_STOP: u8 = 2;
-
-impl Control {
-    pub(crate) fn new() -> io::Result<Arc<Self>> {
-        let (poke, wake) = UnixDatagram::pair()?;
-        poke.set_nonblocking(true)?;
-        wake.set_nonblocking(true)?;
-        Ok(Arc::new(Control {
-            state: AtomicU8::new(RUNNING),
-            poke,
-            wake,
-        }))
-    }
-
-    /// Stops reading queries; the worker returns once every answer is in.
-    pub(crate) fn drain(&self) {
-        self.raise(DRAIN);
-    }
-
-    /// The worker returns now, abandoning what is in flight.
-    pub(crate) fn hard_stop(&self) {
-        self.raise(HARD_STOP);
-    }
-
-    fn raise(&self, to: u8) {
-        self.state.fetch_max(to, Ordering::SeqCst);
-        // A full buffer means a wake-up is already pending.
-        let _ = self.poke.send(&[to]);
-    }
-}
-
 /// Poller tokens: listeners are `0..n`.
 const TOKEN_UP4: u64 = 1 << 32;
 const TOKEN_UP6: u64 = (1 << 32) + 1;
 const TOKEN_CONTROL: u64 = (1 << 32) + 2;
-
-/// How often the worker expires timed-out queries and picks up reloaded tunables.
-const TICK: Duration = Duration::from_millis(50);
 
 /// One UDP worker: everything its thread owns.
 pub(crate) struct UdpWorker {
@@ -285,7 +240,7 @@ impl UdpWorker {
             tunables,
             queries: RecvBatch::new(RECV_BATCH, QUERY_BUFFER),
             // Answers can be as large as a backend's EDNS buffer allows: room for the largest.
-            answers: RecvBatch::new(RECV_BATCH / 2, packet::MAX_MESSAGE + 1),
+            answers: RecvBatch::new(ANSWER_BATCH, packet::MAX_MESSAGE + 1),
             send: SendBatch::new(RECV_BATCH),
             out: std::array::from_fn(|_| Vec::with_capacity(RECV_BATCH)),
         })
@@ -318,13 +273,13 @@ impl UdpWorker {
         if let Some(up6) = &self.up6 {
             poller.add(up6.as_raw_fd(), TOKEN_UP6)?;
         }
-        poller.add(control.wake.as_raw_fd(), TOKEN_CONTROL)?;
+        poller.add(control.fd(), TOKEN_CONTROL)?;
         let mut ready = Vec::new();
-        let mut next_tick = Instant::now() + TICK;
+        let mut next_tick = Instant::now() + WORKER_TICK;
         let mut draining = false;
         let mut errors = 0u32;
         loop {
-            let state = control.state.load(Ordering::SeqCst);
+            let state = control.state();
             if state == HARD_STOP || (draining && self.table.live() == 0) {
                 break;
             }
@@ -338,15 +293,17 @@ impl UdpWorker {
             let now = Instant::now();
             if now >= next_tick {
                 self.tick(now);
-                next_tick = now + TICK;
+                next_tick = now + WORKER_TICK;
             }
             poller.wait(&mut ready, next_tick.saturating_duration_since(now))?;
+            // Answers first: they finish queries already in flight, and after a stall
+            // they would otherwise queue behind the new queries of the same wake-up.
+            ready.sort_unstable_by_key(|&t| !matches!(t, TOKEN_UP4 | TOKEN_UP6));
             let now = Instant::now();
             for &token in &ready {
                 let r = match token {
                     TOKEN_CONTROL => {
-                        let mut b = [0u8; 8];
-                        while control.wake.recv(&mut b).is_ok() {}
+                        control.clear();
                         Ok(())
                     }
                     TOKEN_UP4 | TOKEN_UP6 => self.answers_ready(token == TOKEN_UP6, now),
@@ -370,10 +327,7 @@ impl UdpWorker {
 
     /// Picks up reloaded tunables and frees timed-out slots, charging their backends.
     fn tick(&mut self, now: Instant) {
-        let cur = self.shared.tunables.load();
-        if !Arc::ptr_eq(&cur, &self.tunables) {
-            self.tunables = arc_swap::Guard::into_inner(cur);
-        }
+        self.shared.refresh_tunables(&mut self.tunables);
         let fall = self.tunables.fall;
         self.table
             .expire(now, |done| done.backend.on_timeout(done.sent, fall));
@@ -461,12 +415,13 @@ impl UdpWorker {
     }
 
     /// Drains an upstream socket: answers go to their clients in batches, one
-    /// `sendmmsg` per listener.
+    /// `sendmmsg` per listener, up to as many answers per readiness as a listener
+    /// takes queries ([`ANSWER_ROUNDS`]).
     fn answers_ready(&mut self, v6: bool, now: Instant) -> io::Result<()> {
         let Some(fd) = self.upstream(v6).map(|s| s.as_raw_fd()) else {
             return Ok(());
         };
-        for _ in 0..ROUNDS {
+        for _ in 0..ANSWER_ROUNDS {
             let n = self.answers.recv(fd)?;
             if n == 0 {
                 break;
@@ -532,6 +487,13 @@ const RECV_BATCH: usize = 32;
 const QUERY_BUFFER: usize = 4096;
 /// Batches handled per readiness before looking at the other sockets.
 const ROUNDS: usize = 4;
+/// Answers taken per `recvmmsg` (their buffers are 64 KiB each).
+const ANSWER_BATCH: usize = RECV_BATCH / 2;
+/// Answer batches per readiness: as many answers as a listener's rounds take queries,
+/// so that after a stall answers drain as fast as the queries that caused them. (With
+/// `ROUNDS` here, a capture showed dnslb holding answers longer than queries at p99:
+/// 9.4-18.4 against 5.6-17.6 ms over five rounds; docs/benchmarks.md.)
+const ANSWER_ROUNDS: usize = ROUNDS * RECV_BATCH / ANSWER_BATCH;
 
 /// What to do with one datagram of a batch once it has been looked at.
 #[derive(Clone, Copy)]

@@ -194,6 +194,41 @@ fn fifty_plus_pipelined_tcp_queries_on_one_connection_are_all_answered() {
     assert!(expected.is_empty());
 }
 
+/// BIND does not set TCP_NODELAY: an answer it writes while an earlier one is not yet
+/// acknowledged waits (Nagle) for dnslb's ACK, and a delayed ACK takes 40 ms on
+/// Linux. A client that sends two queries at a time and waits for both answers meets
+/// that on every round unless dnslb acknowledges answers itself when no query of its
+/// own is about to carry the ACK. 50 rounds take 7-12 ms when it does (on the 2-core
+/// development machine, with the other tests running), 2.2 s when it does not; the
+/// bound is a fifth of the failure.
+#[test]
+fn pipelined_answers_are_not_held_back_by_a_delayed_ack() {
+    use std::io::Write;
+    const ROUNDS: u32 = 50;
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut round = || {
+        let (bytes, ids) = pipelined(2);
+        s.write_all(&bytes).unwrap();
+        read_answers(&mut s, &ids, 2);
+    };
+    // A new connection ACKs at once for its first segments (Linux's quick-ACK start).
+    for _ in 0..20 {
+        round();
+    }
+    let start = Instant::now();
+    for _ in 0..ROUNDS {
+        round();
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(8) * ROUNDS,
+        "{ROUNDS} rounds of two pipelined queries took {took:?}"
+    );
+}
+
 #[test]
 fn five_hundred_udp_queries_from_one_socket_are_all_answered_correctly() {
     let ns = Named::start();
@@ -1147,4 +1182,370 @@ fn a_lossy_backend_with_no_other_usable_one_stays_up() {
     );
     let b = lb.backend("lossy");
     assert_eq!(b["health"], "up", "{b}");
+}
+
+/// A TCP backend on `at`, the port of a [`slow_backend`] that answers the health
+/// checks over UDP. Each connection's queries are answered one by one, each by `named`
+/// over TCP after `delay`; with `close_first`, the first connection is closed right
+/// after its first answer, whatever else was sent on it.
+struct TcpBackend {
+    /// Queries read.
+    seen: Arc<AtomicUsize>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
+}
+
+fn tcp_backend(
+    named: SocketAddr,
+    at: SocketAddr,
+    delay: Duration,
+    close_first: bool,
+) -> TcpBackend {
+    let listener = std::net::TcpListener::bind(at).unwrap();
+    let (seen, connections) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (seen2, connections2) = (seen.clone(), connections.clone());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let first = connections2.fetch_add(1, Ordering::SeqCst) == 0;
+            let seen = seen2.clone();
+            std::thread::spawn(move || {
+                while let Ok(q) = read_frame(&mut s) {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(delay);
+                    let Ok(a) = tcp_query_raw(named, &q) else {
+                        return;
+                    };
+                    if write_frame(&mut s, &a).is_err() || (close_first && first) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    TcpBackend { seen, connections }
+}
+
+/// Reads `n` answers from `s` and checks each answers one of `ids` with NOERROR.
+fn read_answers(s: &mut TcpStream, ids: &HashSet<u16>, n: usize) {
+    let mut got = HashSet::new();
+    for _ in 0..n {
+        let m = Message::from_vec(&read_frame(s).expect("an answer")).unwrap();
+        assert_eq!(m.response_code, ResponseCode::NoError);
+        assert!(
+            ids.contains(&m.metadata.id),
+            "answer to a query not sent: {}",
+            m.metadata.id
+        );
+        got.insert(m.metadata.id);
+    }
+    assert_eq!(got.len(), n, "every query answered once");
+}
+
+fn pipelined(n: usize) -> (Vec<u8>, HashSet<u16>) {
+    let (mut bytes, mut ids) = (Vec::new(), HashSet::new());
+    while ids.len() < n {
+        let q = query("www.example.test.", RecordType::A, true);
+        if ids.insert(u16::from_be_bytes([q[0], q[1]])) {
+            bytes.extend_from_slice(&frame(&q));
+        }
+    }
+    (bytes, ids)
+}
+
+/// Connects to `server` and sends `n` pipelined queries in one write.
+fn send_pipelined(server: SocketAddr, n: usize) -> (TcpStream, HashSet<u16>) {
+    use std::io::Write;
+    let (bytes, ids) = pipelined(n);
+    let mut s = TcpStream::connect(server).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&bytes).unwrap();
+    (s, ids)
+}
+
+/// Sends `n` pipelined queries, SIGTERMs dnslb once `backend` has one of them, and
+/// checks that all are answered, the connection is then closed, and dnslb exits 0.
+fn sigterm_with_queries_in_flight(lb: &mut Dnslb, backend: &TcpBackend, n: usize) {
+    use std::io::Read;
+    let (mut s, ids) = send_pipelined(lb.dns, n);
+    assert!(eventually(T, || backend.seen.load(Ordering::SeqCst) >= 1));
+    lb.signal("TERM");
+    read_answers(&mut s, &ids, n);
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).expect("closed after the last answer"), 0);
+    assert_eq!(lb.wait(Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn a_tcp_client_that_closes_its_side_after_sending_gets_every_answer_then_eof() {
+    use std::io::{Read, Write};
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    // The queries and the FIN arrive in one segment (corked): dnslb must read on to
+    // the end of the stream, not stop at the first short read (the idle timeout,
+    // 10 s by default, would then be what closes the connection).
+    let (bytes, ids) = pipelined(20);
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    socket2::SockRef::from(&s).set_tcp_cork(true).unwrap();
+    s.write_all(&bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    read_answers(&mut s, &ids, 20);
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).expect("EOF, not a timeout"), 0);
+}
+
+#[test]
+fn queries_on_a_backend_connection_that_closes_are_retried_on_a_fresh_one() {
+    let ns = Named::start();
+    let udp = slow_backend(ns.addr, Duration::ZERO);
+    let backend = tcp_backend(ns.addr, udp.addr, Duration::ZERO, true);
+    let lb = Dnslb::start(&checks_at_start_only(config(&[("b", udp.addr)], "")));
+    // Ten queries pipelined onto one backend connection, which is closed after the
+    // first answer: the other nine go out again on a new connection.
+    let (mut s, ids) = send_pipelined(lb.dns, 10);
+    read_answers(&mut s, &ids, 10);
+    assert!(backend.connections.load(Ordering::SeqCst) >= 2);
+    // A connection that closes after being open is not the backend's failure.
+    assert_eq!(lb.backend("b")["timeouts_total"], 0);
+}
+
+#[test]
+fn sigterm_lets_a_tcp_query_in_flight_finish_then_closes_the_connection() {
+    let ns = Named::start();
+    let udp = slow_backend(ns.addr, Duration::ZERO);
+    let backend = tcp_backend(ns.addr, udp.addr, Duration::from_millis(500), false);
+    let mut lb = Dnslb::start(
+        &checks_at_start_only(config(
+            &[("slow", udp.addr)],
+            "[server]\nshutdown_grace_ms = 3000\n",
+        ))
+        .replace("timeout_ms = 200", "timeout_ms = 1000"),
+    );
+    sigterm_with_queries_in_flight(&mut lb, &backend, 3);
+}
+
+#[test]
+fn a_reloaded_idle_timeout_applies_to_tcp_connections_already_open() {
+    use std::io::Read;
+    let ns = Named::start();
+    // The default idle timeout is 10 s.
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write_frame(&mut s, &query("www.example.test.", RecordType::A, true)).unwrap();
+    read_frame(&mut s).unwrap();
+    let path = lb.dir.path().join("dnslb.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}[tcp]\nidle_timeout_ms = 300\n")).unwrap();
+    let start = Instant::now();
+    lb.signal("HUP");
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).expect("closed, not timed out"), 0);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn queries_on_backend_connections_that_all_reset_are_retried_on_new_ones_and_answered() {
+    use std::sync::Mutex;
+    // 100 pipelined queries fill one backend connection (64, the default pipeline)
+    // and start a second. The backend reads them all without answering, then closes
+    // both connections, as a restart would; later connections are answered. Each
+    // lost query must be retried on a new connection, not on the other one, which is
+    // about to fail too.
+    const N: usize = 100;
+    let ns = Named::start();
+    let udp = slow_backend(ns.addr, Duration::ZERO);
+    let listener = std::net::TcpListener::bind(udp.addr).unwrap();
+    let first: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+    let read = Arc::new(AtomicUsize::new(0));
+    let reset = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let connections = Arc::new(AtomicUsize::new(0));
+    {
+        let (first, read, reset, connections) = (
+            first.clone(),
+            read.clone(),
+            reset.clone(),
+            connections.clone(),
+        );
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                connections.fetch_add(1, Ordering::SeqCst);
+                let (first, read, reset) = (first.clone(), read.clone(), reset.clone());
+                let before_reset = !reset.load(Ordering::SeqCst);
+                if before_reset {
+                    first.lock().unwrap().push(s.try_clone().unwrap());
+                }
+                std::thread::spawn(move || {
+                    while let Ok(q) = read_frame(&mut s) {
+                        if !before_reset {
+                            let Ok(a) = tcp_query_raw(ns.addr, &q) else {
+                                return;
+                            };
+                            if write_frame(&mut s, &a).is_err() {
+                                return;
+                            }
+                        } else if read.fetch_add(1, Ordering::SeqCst) + 1 == N {
+                            reset.store(true, Ordering::SeqCst);
+                            // One after the other, as a restarting backend
+                            // drops them: dnslb sees the first go before the second.
+                            for c in first.lock().unwrap().iter() {
+                                let _ = c.shutdown(std::net::Shutdown::Both);
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let lb = Dnslb::start(&checks_at_start_only(config(&[("b", udp.addr)], "")));
+    let (mut s, ids) = send_pipelined(lb.dns, N);
+    read_answers(&mut s, &ids, N);
+    assert!(
+        first.lock().unwrap().len() >= 2,
+        "two connections were reset"
+    );
+    assert!(connections.load(Ordering::SeqCst) >= 3);
+    assert_eq!(lb.backend("b")["timeouts_total"], 0);
+}
+
+#[test]
+fn a_backend_connect_that_times_out_charges_only_that_backend() {
+    // Backend "hang" answers health checks over UDP, but its TCP listener's accept
+    // queue is full, so connecting to it hangs until the query timeout. The query
+    // is then over: the client gets no answer, "hang" is charged once, and the
+    // healthy backend is not charged for a retry that was already out of time.
+    let ns = Named::start();
+    let udp = slow_backend(ns.addr, Duration::ZERO);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&udp.addr.into()).unwrap();
+    sock.listen(0).unwrap();
+    let _queued = TcpStream::connect(udp.addr).unwrap();
+    let _more = TcpStream::connect_timeout(&udp.addr, Duration::from_millis(200));
+    let lb = Dnslb::start(&checks_at_start_only(config(
+        &[("hang", udp.addr), ("live", ns.addr)],
+        "[balance]\npolicy = \"first-available\"\nquery_timeout_ms = 300\n",
+    )));
+    let q = query("www.example.test.", RecordType::A, true);
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    write_frame(&mut s, &q).unwrap();
+    assert!(
+        read_frame(&mut s).is_err(),
+        "no answer: the query ran out of time"
+    );
+    assert!(eventually(T, || lb.backend("hang")["timeouts_total"] == 1));
+    std::thread::sleep(Duration::from_millis(300));
+    let live = lb.backend("live");
+    assert_eq!(live["timeouts_total"], 0, "{live}");
+    assert_eq!(live["outstanding"], 0, "{live}");
+    drop(sock);
+}
+
+#[test]
+fn sigterm_forwards_the_queries_a_paused_tcp_client_already_sent() {
+    // At most two queries in flight per connection: of six pipelined queries, four
+    // wait in dnslb's buffer when SIGTERM arrives. They were read, so they are
+    // forwarded as room comes, and answered, before the connection closes.
+    let ns = Named::start();
+    let udp = slow_backend(ns.addr, Duration::ZERO);
+    let backend = tcp_backend(ns.addr, udp.addr, Duration::from_millis(150), false);
+    let mut lb = Dnslb::start(&checks_at_start_only(config(
+        &[("slow", udp.addr)],
+        "[server]\nshutdown_grace_ms = 5000\n[balance]\nquery_timeout_ms = 3000\n\
+         [tcp]\nmax_inflight_per_connection = 2\n",
+    )));
+    sigterm_with_queries_in_flight(&mut lb, &backend, 6);
+}
+
+#[test]
+fn a_busy_client_whose_reads_end_mid_frame_is_not_taken_for_a_stalled_one() {
+    use std::io::Write;
+    // Twelve frames over 1.2 s, each write ending in the middle of a frame: there is
+    // always a partial frame buffered, but never the same one for the 400 ms idle
+    // timeout, so the connection stays open.
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns.addr)],
+        "[tcp]\nidle_timeout_ms = 400\n",
+    ));
+    let (bytes, ids) = pipelined(12);
+    let f = bytes.len() / 12;
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut at = 0;
+    let mut next = f / 2;
+    while at < bytes.len() {
+        s.write_all(&bytes[at..next])
+            .expect("connection still open");
+        at = next;
+        next = (next + f).min(bytes.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    read_answers(&mut s, &ids, 12);
+    let m = lb.http("GET", "/metrics", None).1;
+    assert!(
+        !m.lines()
+            .any(|l| l.contains("partial_frame") && !l.ends_with(" 0")),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_tcp_worker_whose_accepts_keep_failing_drains_and_dnslb_exits_1() {
+    use std::io::Read;
+    let ns = Named::start();
+    let mut lb = Dnslb::start(&checks_at_start_only(config(
+        &[("ns1", ns.addr)],
+        "[server]\ntcp_workers = 1\n",
+    )));
+    let q = query("www.example.test.", RecordType::A, true);
+    let mut open = TcpStream::connect(lb.dns).unwrap();
+    open.set_read_timeout(Some(T)).unwrap();
+    write_frame(&mut open, &q).unwrap();
+    read_frame(&mut open).unwrap();
+    // No descriptor left for dnslb: every accept fails with EMFILE from now on (the
+    // limit is on descriptor numbers, and those it has stay open).
+    let limit = libc::rlimit {
+        rlim_cur: 3,
+        rlim_max: 3,
+    };
+    // SAFETY: plain system call on another process of ours; `limit` outlives it.
+    let rc = unsafe {
+        libc::prlimit(
+            lb.pid() as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let started = Instant::now();
+    let _refused = TcpStream::connect(lb.dns).unwrap();
+    assert!(eventually(T, || lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("tcp accept error"))));
+    // The connection it has is still served meanwhile.
+    write_frame(&mut open, &q).unwrap();
+    let m = Message::from_vec(&read_frame(&mut open).unwrap()).unwrap();
+    assert_eq!(m.response_code, ResponseCode::NoError);
+    // After 10 s of failing accepts the worker fails: the process drains and exits 1.
+    assert_eq!(lb.wait(Duration::from_secs(20)), Some(1));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(9), "{took:?}");
+    assert!(lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("data-plane worker failing")));
+    let mut b = [0u8; 1];
+    assert_eq!(open.read(&mut b).expect("closed by the drain"), 0);
 }
