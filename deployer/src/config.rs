@@ -196,6 +196,33 @@ pub struct Checks {
     /// Seconds of verification through the load balancers after the swap.
     #[serde(default = "default_bake")]
     pub bake_s: u64,
+    /// How the load balancers are cut over: `canary` (the first, bake it, then each
+    /// next one with a bake of its own) or `all` (every one, then one bake).
+    #[serde(default)]
+    pub cut_over: CutOver,
+    /// The bake fails when more than this share of the queries a load balancer sent
+    /// to the new servers during the bake timed out (rounded up: 0.01 of 50 is 1).
+    #[serde(default = "default_timeout_ratio")]
+    pub bake_max_timeout_ratio: f64,
+    /// The bake fails when a load balancer gave more SERVFAIL answers than this during
+    /// the bake (the new servers' own and its "no usable backend" ones).
+    #[serde(default)]
+    pub bake_max_servfail: u64,
+    /// How long past `bake_s` the bake waits for new backends that no health check
+    /// has judged yet (`unknown`) to come up; still unknown then fails the bake.
+    #[serde(default = "default_settle")]
+    pub bake_settle_s: u64,
+}
+
+/// `[checks] cut_over`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CutOver {
+    /// One load balancer at a time, each baked before the next is swapped.
+    #[default]
+    Canary,
+    /// Every load balancer, then one bake.
+    All,
 }
 
 impl Default for Checks {
@@ -206,6 +233,12 @@ impl Default for Checks {
 
 fn default_bake() -> u64 {
     10
+}
+fn default_timeout_ratio() -> f64 {
+    0.01
+}
+fn default_settle() -> u64 {
+    30
 }
 
 /// The whole file.
@@ -366,6 +399,9 @@ impl Config {
                     z.display()
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.checks.bake_max_timeout_ratio) {
+            p.push("checks.bake_max_timeout_ratio must be between 0 and 1".into());
         }
         if self.provider.kind == ProviderKind::Linode {
             let pr = &self.provider;

@@ -44,6 +44,9 @@ pub enum Phase {
     Done,
     /// Undone.
     RolledBack,
+    /// Undoing: journaled before the rollback touches anything, so a rollout found
+    /// here finishes the rollback and never goes forward.
+    RollingBack,
 }
 
 impl Phase {
@@ -59,6 +62,7 @@ impl Phase {
             Phase::Rename => "7/7 rename",
             Phase::Done => "done",
             Phase::RolledBack => "rolled back",
+            Phase::RollingBack => "rolling back",
         }
     }
 }
@@ -92,6 +96,19 @@ pub struct Journal {
     pub new: BTreeMap<String, Instance>,
     /// Each load balancer's set before the swap.
     pub lb_before: BTreeMap<String, BackendSet>,
+    /// The generation the swap's own PUT returned, by load balancer: what a restore
+    /// expects to find (anything else means someone changed it since).
+    #[serde(default)]
+    pub lb_after: BTreeMap<String, u64>,
+    /// Load balancers whose bake passed (canary order bakes them one at a time).
+    #[serde(default)]
+    pub baked: Vec<String>,
+    /// Where the rollout stood when its rollback began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_from: Option<Phase>,
+    /// Why it is being rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// Every step, before and after.
     pub events: Vec<Event>,
 }
@@ -115,6 +132,10 @@ impl Journal {
             old: BTreeMap::new(),
             new: BTreeMap::new(),
             lb_before: BTreeMap::new(),
+            lb_after: BTreeMap::new(),
+            baked: Vec::new(),
+            rollback_from: None,
+            failure: None,
             events: Vec::new(),
         }
     }

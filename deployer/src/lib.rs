@@ -7,16 +7,22 @@
 //! - [`ansible`] — the generated inventory and the `ansible-playbook` run.
 //! - [`verify`] — zone files canonicalized by `named-checkzone -D`, checked record by
 //!   record over UDP and TCP.
-//! - [`lbclient`] — the dnslb admin API client.
+//! - [`lbclient`] — the dnslb admin API client (types shared with dnslb's
+//!   [`dnslb::api`]).
+//! - [`retry`] — the one retry policy for remote calls.
+//! - [`bake`] — bake analysis: judging each load balancer's own view of the new
+//!   servers (health, timeouts, SERVFAIL).
 //! - [`journal`] — the journal of the current rollout and the lock.
 //! - [`rollout`] — the engine: bootstrap, rollout, rollback, plan, status, destroy.
 #![warn(missing_docs)]
 
 pub mod ansible;
+pub mod bake;
 pub mod config;
 pub mod journal;
 pub mod lbclient;
 pub mod provider;
+pub mod retry;
 pub mod rollout;
 pub mod verify;
 

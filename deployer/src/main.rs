@@ -35,7 +35,12 @@ enum Command {
         json: bool,
     },
     /// Undo an interrupted or failed rollout.
-    Rollback,
+    Rollback {
+        /// Restore load balancers even where their set changed since the rollout
+        /// swapped them.
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete every instance the deployer manages (for local demos).
     Destroy {
         /// Confirm.
@@ -120,7 +125,7 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
                 print!("{s}");
             }
         }
-        Command::Rollback => println!("{}", d.rollback().await.map_err(e)?),
+        Command::Rollback { force } => println!("{}", d.rollback(force).await.map_err(e)?),
         Command::Destroy { .. } => {
             let gone = d.destroy().await.map_err(e)?;
             println!(

@@ -4,15 +4,17 @@
 //! through their admin API ([`LbClient`]) and servers are provisioned with Ansible.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::ansible::{self, AnsibleError, Host};
-use crate::config::Config;
+use crate::bake;
+use crate::config::{Config, CutOver};
 use crate::journal::{Journal, Lock, LockError, Phase};
-use crate::lbclient::{Backend, BackendSet, LbClient, LbError};
+use crate::lbclient::{describe, same_members, Backend, BackendSet, LbClient, LbError};
 use crate::provider::{Instance, Provider, ProviderError};
 use crate::verify::{self, VerifyError, ZoneChecks};
 
@@ -81,6 +83,13 @@ pub struct Deployer<P: Provider> {
     dir: PathBuf,
 }
 
+/// Does `inst` carry the tag of rollout `id` (either provider's spelling)?
+fn created_by(inst: &Instance, id: &str) -> bool {
+    inst.tags
+        .iter()
+        .any(|t| t == &format!("dnslb-rollout-{id}") || t == &format!("rollout:{id}"))
+}
+
 fn next_label(ns: &str) -> String {
     format!("{ns}-next")
 }
@@ -91,18 +100,6 @@ fn next_label(ns: &str) -> String {
 pub fn backend_name(ns: &str, inst: &Instance) -> String {
     let id = inst.id.rsplit('-').next().unwrap_or(&inst.id);
     format!("{ns}-{id}")
-}
-
-fn same_members(a: &[Backend], b: &[Backend]) -> bool {
-    let key = |v: &[Backend]| {
-        let mut k: Vec<_> = v
-            .iter()
-            .map(|x| (x.name.clone(), x.address.clone(), x.weight))
-            .collect();
-        k.sort();
-        k
-    };
-    key(a) == key(b)
 }
 
 /// Prints one progress line for a step.
@@ -150,7 +147,7 @@ impl<P: Provider> Deployer<P> {
                 })?;
                 Ok(Backend {
                     name: backend_name(ns, inst),
-                    address: addr.to_string(),
+                    address: addr,
                     weight: 1,
                 })
             })
@@ -231,18 +228,42 @@ impl<P: Provider> Deployer<P> {
     }
 
     /// `deployer rollout`: runs (or resumes) the blue-green rollout; on a failure in
-    /// steps 1–5 rolls back by itself.
+    /// steps 1–5 rolls back by itself. A rollout found rolling back is only finished
+    /// rolling back; one resumed at or past the swap first checks that every load
+    /// balancer still serves what the journal says it left there.
     pub async fn rollout(&self) -> Result<Report> {
         let _lock = Lock::acquire(&self.dir, "rollout")?;
         let started = Instant::now();
         let mut j = match Journal::load(&self.dir)? {
+            Some(mut j) if j.phase == Phase::RollingBack => {
+                eprintln!(
+                    "deployer: rollout {} was being rolled back (it had stopped at step {}): finishing the rollback, not going forward",
+                    j.id,
+                    j.rollback_from.map_or("?", Phase::label)
+                );
+                let summary = self.undo(&mut j, false).await?;
+                return Err(DeployError::Refused(format!(
+                    "rollout {} had failed{} and is now rolled back: {summary}\nrun `deployer rollout` again for a new rollout",
+                    j.id,
+                    j.failure
+                        .as_deref()
+                        .map(|f| format!(" ({})", f.lines().next().unwrap_or_default()))
+                        .unwrap_or_default()
+                )));
+            }
             Some(j) if j.unfinished() => {
                 eprintln!(
                     "deployer: resuming rollout {} at step {}",
                     j.id,
                     j.phase.label()
                 );
-                j
+                if j.phase >= Phase::Swap {
+                    let mut j = j;
+                    self.reconcile(&mut j).await?;
+                    j
+                } else {
+                    j
+                }
             }
             Some(old) => {
                 old.archive(&self.dir)?;
@@ -267,7 +288,8 @@ impl<P: Provider> Deployer<P> {
             }
             Err(e) if j.phase <= Phase::Bake => {
                 eprintln!("deployer: rollout {} failed at step {}; rolling back", j.id, j.phase.label());
-                match self.undo(&mut j).await {
+                j.failure = Some(e.to_string());
+                match self.undo(&mut j, false).await {
                     Ok(summary) => Err(DeployError::RolledBack {
                         failure: Box::new(e),
                         summary,
@@ -281,6 +303,15 @@ impl<P: Provider> Deployer<P> {
             Err(e) => Err(DeployError::Refused(format!(
                 "{e}\nthe old servers were already being deleted, so the rollout can only go forward: run `deployer rollout` again to finish it"
             ))),
+        }
+    }
+
+    /// The load balancers in cut-over groups: canary swaps and bakes one at a time.
+    fn cut_over_groups(&self) -> Vec<Vec<&LbClient>> {
+        match self.cfg.checks.cut_over {
+            CutOver::Canary => self.lbs.iter().map(|lb| vec![lb]).collect(),
+            CutOver::All if self.lbs.is_empty() => Vec::new(),
+            CutOver::All => vec![self.lbs.iter().collect()],
         }
     }
 
@@ -314,30 +345,56 @@ impl<P: Provider> Deployer<P> {
             self.end(j, Phase::Verify, t0, &r)?;
             r?;
         }
-        if j.phase <= Phase::Swap {
-            let t0 = self.begin(j, Phase::Swap)?;
-            let r = self.step_swap(j).await;
-            self.end(j, Phase::Swap, t0, &r)?;
-            r?;
-        }
         if j.phase <= Phase::Bake {
-            let t0 = self.begin(j, Phase::Bake)?;
-            let r = self.step_bake(zones).await.map(|(rounds, n)| {
-                *asked += n;
-                format!(
-                    "{rounds} round(s) through {} load balancer(s), {n} queries",
-                    self.lbs.len()
-                )
-            });
-            self.end(j, Phase::Bake, t0, &r)?;
-            r?;
+            let mut swapped: Vec<&LbClient> = Vec::new();
+            for group in self.cut_over_groups() {
+                swapped.extend(group.iter().copied());
+                if group.iter().any(|lb| !j.lb_after.contains_key(&lb.lb.name)) {
+                    let t0 = self.begin(j, Phase::Swap)?;
+                    let r = self.step_swap(j, &group).await;
+                    self.end(j, Phase::Swap, t0, &r)?;
+                    r?;
+                }
+                if group.iter().any(|lb| !j.baked.contains(&lb.lb.name)) {
+                    let t0 = self.begin(j, Phase::Bake)?;
+                    let r = self.step_bake(j, zones, &swapped).await.map(|(rounds, n)| {
+                        *asked += n;
+                        format!(
+                            "{rounds} round(s) through {}, {n} queries, every new backend up, timeouts and SERVFAIL within [checks]",
+                            swapped.iter().map(|l| l.lb.name.as_str()).collect::<Vec<_>>().join(", ")
+                        )
+                    });
+                    self.end(j, Phase::Bake, t0, &r)?;
+                    r?;
+                    j.baked.extend(group.iter().map(|lb| lb.lb.name.clone()));
+                    j.save(&self.dir)?;
+                }
+            }
+            // The invariant, checked while a failure can still roll back: no load
+            // balancer serves a server about to be deleted.
+            let (_, kept) = self.unreferenced(j.old.values().cloned().collect()).await;
+            if !kept.is_empty() {
+                return Err(DeployError::Refused(format!(
+                    "refusing to delete the old servers: {}",
+                    kept.join("; ")
+                )));
+            }
         }
         if j.phase <= Phase::DeleteOld {
             let t0 = self.begin(j, Phase::DeleteOld)?;
             let r = async {
+                // Checked again right before deleting: a resumed run, or a change
+                // since the bake, must not take a served server away.
+                let (free, kept) = self.unreferenced(j.old.values().cloned().collect()).await;
+                if !kept.is_empty() {
+                    return Err(DeployError::Refused(format!(
+                        "refusing to delete: {}",
+                        kept.join("; ")
+                    )));
+                }
                 let mut names = Vec::new();
-                for old in j.old.values() {
-                    self.provider.delete(old).await?;
+                for old in free {
+                    self.provider.delete(&old).await?;
                     names.push(format!("{} ({})", old.label, old.id));
                 }
                 Ok(format!("deleted {}", names.join(", ")))
@@ -353,6 +410,132 @@ impl<P: Provider> Deployer<P> {
             r?;
         }
         Ok(())
+    }
+
+    /// Is `b` (a member of `lb`'s set) this instance?
+    fn points_at(&self, lb: &LbClient, b: &Backend, inst: &Instance) -> bool {
+        self.provider.backend_addr(inst, &lb.lb) == Some(b.address)
+            || [inst.public_ipv4, inst.private_ipv4]
+                .into_iter()
+                .flatten()
+                .any(|ip| SocketAddr::new(ip, inst.dns_port) == b.address)
+    }
+
+    /// The invariant before every delete: reads every load balancer's live set and
+    /// splits `doomed` into what no load balancer serves and, with the reason, what
+    /// must be kept. A load balancer that cannot be read keeps everything: nothing
+    /// can be shown unreferenced.
+    async fn unreferenced(&self, doomed: Vec<Instance>) -> (Vec<Instance>, Vec<String>) {
+        let mut sets = Vec::new();
+        let mut unreadable = Vec::new();
+        for lb in &self.lbs {
+            match lb.members().await {
+                Ok(s) => sets.push((lb, s)),
+                Err(e) => unreadable.push(e.to_string()),
+            }
+        }
+        if !unreadable.is_empty() {
+            let kept = doomed
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{} ({}) kept: cannot read every load balancer's set ({})",
+                        i.label,
+                        i.id,
+                        unreadable.join("; ")
+                    )
+                })
+                .collect();
+            return (Vec::new(), kept);
+        }
+        let mut free = Vec::new();
+        let mut kept = Vec::new();
+        for inst in doomed {
+            let refs: Vec<String> = sets
+                .iter()
+                .flat_map(|(lb, s)| {
+                    s.backends
+                        .iter()
+                        .filter(|b| self.points_at(lb, b, &inst))
+                        .map(|b| format!("{} (backend {} {})", lb.lb.name, b.name, b.address))
+                })
+                .collect();
+            if refs.is_empty() {
+                free.push(inst);
+            } else {
+                kept.push(format!(
+                    "{} ({}) is still served by {}",
+                    inst.label,
+                    inst.id,
+                    refs.join(", ")
+                ));
+            }
+        }
+        (free, kept)
+    }
+
+    /// On resume at or past the swap: every load balancer must be where the journal
+    /// left it. A PUT that landed but whose answer (or journal write) was lost is
+    /// recognised — generation one past the recorded one, exactly the new set — and
+    /// journaled; anything else stops the rollout and says what changed.
+    async fn reconcile(&self, j: &mut Journal) -> Result<()> {
+        let mut changed = Vec::new();
+        for lb in &self.lbs {
+            let name = &lb.lb.name;
+            let cur = lb.members().await?;
+            let desired = self.desired(lb, &j.new)?;
+            match (j.lb_after.get(name), j.lb_before.get(name)) {
+                (Some(&g), _) => {
+                    if cur.generation != g || !same_members(&cur.backends, &desired) {
+                        changed.push(format!(
+                            "{name}: the rollout left it at generation {g} serving the new servers; it is at generation {} serving {}",
+                            cur.generation,
+                            describe(&cur.backends)
+                        ));
+                    }
+                }
+                (None, Some(before)) => {
+                    if cur.generation == before.generation
+                        && same_members(&cur.backends, &before.backends)
+                    {
+                        // Not swapped yet.
+                    } else if cur.generation == before.generation + 1
+                        && same_members(&cur.backends, &desired)
+                    {
+                        eprintln!(
+                            "deployer: {name} took the swap (generation {}) before the last run could journal it",
+                            cur.generation
+                        );
+                        j.lb_after.insert(name.clone(), cur.generation);
+                        j.save(&self.dir)?;
+                    } else {
+                        changed.push(format!(
+                            "{name}: it was at generation {} before the swap; it is at generation {} serving {}",
+                            before.generation,
+                            cur.generation,
+                            describe(&cur.backends)
+                        ));
+                    }
+                }
+                (None, None) => {}
+            }
+            if j.phase >= Phase::DeleteOld && !j.lb_after.contains_key(name) {
+                changed.push(format!("{name} was never swapped to the new servers"));
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let next = if j.phase >= Phase::DeleteOld {
+            "make every load balancer serve the new servers again, then run `deployer rollout`"
+        } else {
+            "`deployer rollback` puts back what the rollout changed (`--force` restores over changes made since)"
+        };
+        Err(DeployError::Refused(format!(
+            "the load balancers are not where rollout {} left them, so it does not go on:\n  - {}\n{next}",
+            j.id,
+            changed.join("\n  - ")
+        )))
     }
 
     async fn step_create(&self, j: &mut Journal) -> Result<String> {
@@ -393,11 +576,13 @@ impl<P: Provider> Deployer<P> {
             .join(", "))
     }
 
-    async fn step_swap(&self, j: &mut Journal) -> Result<String> {
+    /// Swaps each load balancer of `group` to the new servers, expecting the
+    /// generation journaled before any swap, and journals what each PUT returned.
+    async fn step_swap(&self, j: &mut Journal, group: &[&LbClient]) -> Result<String> {
         // Record every load balancer's set before changing any of them.
         for lb in &self.lbs {
             if !j.lb_before.contains_key(&lb.lb.name) {
-                let cur = lb.get().await?;
+                let cur = lb.members().await?;
                 j.lb_before.insert(lb.lb.name.clone(), cur);
             }
         }
@@ -410,31 +595,85 @@ impl<P: Provider> Deployer<P> {
             )));
         }
         let mut done = Vec::new();
-        for lb in &self.lbs {
-            let desired = self.desired(lb, &j.new)?;
-            let cur = lb.get().await?;
-            if same_members(&cur.backends, &desired) {
-                done.push(format!("{} (already)", lb.lb.name));
+        for lb in group {
+            let name = &lb.lb.name;
+            if j.lb_after.contains_key(name) {
                 continue;
             }
-            let g = lb.put(&desired, Some(cur.generation), true).await?;
-            done.push(format!("{} -> generation {g}", lb.lb.name));
+            let before = j.lb_before[name].generation;
+            let desired = self.desired(lb, &j.new)?;
+            let g = lb
+                .put(&desired, Some(before), true)
+                .await
+                .map_err(|e| match e.conflict() {
+                    true => DeployError::Refused(format!(
+                        "{name} changed since the rollout recorded it at generation {before}, so it is not swapped: {e}"
+                    )),
+                    false => e.into(),
+                })?;
+            j.lb_after.insert(name.clone(), g);
+            j.save(&self.dir)?;
+            done.push(format!("{name} -> generation {g}"));
         }
         Ok(done.join(", "))
     }
 
-    async fn step_bake(&self, zones: &[ZoneChecks]) -> Result<(usize, usize)> {
-        let until = Instant::now() + Duration::from_secs(self.cfg.checks.bake_s);
+    /// Bake rounds over every load balancer swapped so far: the zone replayed through
+    /// each, each new server asked directly, and each load balancer's own view judged
+    /// ([`bake::judge`]). Lasts `bake_s`, longer (up to `bake_settle_s` more) while a
+    /// new backend is still unchecked.
+    async fn step_bake(
+        &self,
+        j: &Journal,
+        zones: &[ZoneChecks],
+        lbs: &[&LbClient],
+    ) -> Result<(usize, usize)> {
+        let checks = &self.cfg.checks;
+        let until = Instant::now() + Duration::from_secs(checks.bake_s);
+        let give_up = until + Duration::from_secs(checks.bake_settle_s);
+        let mut wants = Vec::new();
+        for lb in lbs {
+            let want = self.desired(lb, &j.new)?;
+            let base = bake::sample(&lb.get().await?, &lb.metrics().await?, &want);
+            wants.push((lb, want, base));
+        }
         let (mut rounds, mut asked) = (0, 0);
         loop {
-            for lb in &self.lbs {
+            for (lb, _, _) in &wants {
                 asked += verify::verify_server(lb.lb.dns, zones).await?;
             }
+            for inst in j.new.values() {
+                if let Some(addr) = inst.dns_addr() {
+                    verify::answers_soa(addr, zones).await?;
+                    asked += zones.len();
+                }
+            }
+            let mut pending = Vec::new();
+            for (lb, want, base) in &wants {
+                let list = lb.get().await?;
+                let now = bake::sample(&list, &lb.metrics().await?, want);
+                let v = bake::judge(&lb.lb.name, &list, want, base, &now, checks);
+                if !v.problems.is_empty() {
+                    return Err(DeployError::Refused(format!(
+                        "bake analysis: {}",
+                        v.problems.join("; ")
+                    )));
+                }
+                pending.extend(v.pending);
+            }
             rounds += 1;
-            if Instant::now() >= until {
+            let t = Instant::now();
+            if t >= until && pending.is_empty() {
                 return Ok((rounds, asked));
             }
-            tokio::time::sleep(Duration::from_millis(500).min(until - Instant::now())).await;
+            if t >= give_up {
+                return Err(DeployError::Refused(format!(
+                    "bake analysis: no health check judged {} within {}s after the bake (checks.bake_settle_s)",
+                    pending.join(", "),
+                    checks.bake_settle_s
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -461,50 +700,124 @@ impl<P: Provider> Deployer<P> {
         })
     }
 
-    /// Undoes an unfinished rollout that has not started deleting old servers: puts
-    /// every load balancer back first, then deletes the new servers.
-    async fn undo(&self, j: &mut Journal) -> Result<String> {
-        if j.phase >= Phase::DeleteOld {
+    /// Puts one load balancer back to its set before the swap, only if it is still
+    /// where the rollout left it (or `force`). `Ok(None)`: nothing to do.
+    async fn restore(&self, j: &Journal, lb: &LbClient, force: bool) -> Result<Option<String>> {
+        let name = &lb.lb.name;
+        let Some(before) = j.lb_before.get(name) else {
+            return Ok(None);
+        };
+        let cur = lb.members().await?;
+        if same_members(&cur.backends, &before.backends) {
+            return Ok(None);
+        }
+        let desired = self.desired(lb, &j.new).ok();
+        let ours = match j.lb_after.get(name) {
+            Some(&g) => cur.generation == g,
+            // A swap that landed but was never journaled.
+            None => {
+                cur.generation == before.generation + 1
+                    && desired.is_some_and(|d| same_members(&cur.backends, &d))
+            }
+        };
+        if !ours && !j.lb_after.contains_key(name) && !force {
+            // The rollout never changed it: whatever it serves is someone else's.
+            return Ok(None);
+        }
+        if !ours && !force {
+            return Err(DeployError::Refused(format!(
+                "{name} is at generation {} serving {}, not at generation {} where the rollout left it: someone changed it, so it is not restored over that (`deployer rollback --force` restores anyway)",
+                cur.generation,
+                describe(&cur.backends),
+                j.lb_after[name]
+            )));
+        }
+        let g = lb
+            .put(&before.backends, Some(cur.generation), false)
+            .await?;
+        Ok(Some(format!("{name} restored (generation {g})")))
+    }
+
+    /// Undoes an unfinished rollout that has not started deleting old servers. The
+    /// rollback is journaled as its own phase before it touches anything; it tries
+    /// every load balancer, deletes only new servers that no load balancer serves
+    /// (and, of those found by label, only the ones this rollout created), and
+    /// reports every failure together. It stays in `rolling back` until all is done.
+    async fn undo(&self, j: &mut Journal, force: bool) -> Result<String> {
+        if j.phase != Phase::RollingBack && j.phase >= Phase::DeleteOld {
             return Err(DeployError::Refused(format!(
                 "rollout {} already began deleting the old servers (step 6); it can only be finished: run `deployer rollout`",
                 j.id
             )));
         }
+        if j.phase != Phase::RollingBack {
+            let from = j.phase;
+            j.rollback_from = Some(from);
+            j.phase = Phase::RollingBack;
+            j.record(
+                &self.dir,
+                "rollback",
+                "started",
+                &format!("from step {}", from.label()),
+            )?;
+        }
         let t0 = Instant::now();
         let mut summary = Vec::new();
+        let mut failures = Vec::new();
         for lb in &self.lbs {
-            let Some(before) = j.lb_before.get(&lb.lb.name) else {
-                continue;
-            };
-            let cur = lb.get().await?;
-            if same_members(&cur.backends, &before.backends) {
-                continue;
+            match self.restore(j, lb, force).await {
+                Ok(Some(s)) => summary.push(s),
+                Ok(None) => {}
+                Err(e) => failures.push(e.to_string()),
             }
-            if before.backends.is_empty() {
-                return Err(DeployError::Refused(format!(
-                    "load balancer {} had no backends before; cannot restore an empty set",
-                    lb.lb.name
-                )));
-            }
-            let g = lb
-                .put(&before.backends, Some(cur.generation), false)
-                .await?;
-            summary.push(format!("{} restored (generation {g})", lb.lb.name));
         }
-        // Only now that no load balancer points at them: delete the new servers,
-        // including any created but not yet journaled (found by label).
+        // The new servers, including any created but not yet journaled (found by
+        // label, and only if this rollout's tag is on it).
         let mut doomed: BTreeMap<String, Instance> =
             j.new.values().map(|i| (i.id.clone(), i.clone())).collect();
         for ns in &self.cfg.nameservers {
-            if let Some(i) = self.provider.find(&next_label(&ns.name)).await? {
-                if !j.old.values().any(|o| o.id == i.id) {
+            match self.provider.find(&next_label(&ns.name)).await {
+                Ok(Some(i)) if j.old.values().any(|o| o.id == i.id) => {}
+                Ok(Some(i)) if doomed.contains_key(&i.id) => {}
+                Ok(Some(i)) if created_by(&i, &j.id) => {
                     doomed.insert(i.id.clone(), i);
                 }
+                Ok(Some(i)) => summary.push(format!(
+                    "left {} ({}) alone: this rollout did not create it",
+                    i.label, i.id
+                )),
+                Ok(None) => {}
+                Err(e) => failures.push(e.to_string()),
             }
         }
-        for inst in doomed.values() {
-            self.provider.delete(inst).await?;
-            summary.push(format!("deleted {} ({})", inst.label, inst.id));
+        let (free, kept) = self.unreferenced(doomed.into_values().collect()).await;
+        failures.extend(kept);
+        for inst in free {
+            match self.provider.delete(&inst).await {
+                Ok(()) => summary.push(format!("deleted {} ({})", inst.label, inst.id)),
+                Err(e) => failures.push(format!(
+                    "could not delete {} ({}): {e}",
+                    inst.label, inst.id
+                )),
+            }
+        }
+        if !failures.is_empty() {
+            j.record(&self.dir, "rollback", "failed", &failures.join("; "))?;
+            progress(
+                "rollback",
+                t0,
+                &format!("INCOMPLETE: {}", failures.join("; ")),
+            );
+            return Err(DeployError::Refused(format!(
+                "the rollback of {} is not complete{}:\n  - {}\nrun `deployer rollback` again once the cause is fixed",
+                j.id,
+                if summary.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (done: {})", summary.join(", "))
+                },
+                failures.join("\n  - ")
+            )));
         }
         j.phase = Phase::RolledBack;
         j.record(&self.dir, "rollback", "done", &summary.join(", "))?;
@@ -527,17 +840,17 @@ impl<P: Provider> Deployer<P> {
         })
     }
 
-    /// `deployer rollback`.
-    pub async fn rollback(&self) -> Result<String> {
+    /// `deployer rollback [--force]`.
+    pub async fn rollback(&self, force: bool) -> Result<String> {
         let _lock = Lock::acquire(&self.dir, "rollback")?;
         match Journal::load(&self.dir)? {
             Some(mut j) if j.unfinished() => {
                 eprintln!(
                     "deployer: rolling back rollout {} (stopped at step {})",
                     j.id,
-                    j.phase.label()
+                    j.rollback_from.unwrap_or(j.phase).label()
                 );
-                self.undo(&mut j).await
+                self.undo(&mut j, force).await
             }
             _ => Ok("no unfinished rollout: nothing to roll back".into()),
         }
@@ -617,7 +930,7 @@ impl<P: Provider> Deployer<P> {
         let mut done = Vec::new();
         for lb in &self.lbs {
             let desired = self.desired(lb, &servers)?;
-            let cur = lb.get().await?;
+            let cur = lb.members().await?;
             if !same_members(&cur.backends, &desired) {
                 let g = lb.put(&desired, Some(cur.generation), true).await?;
                 done.push(format!("{} -> generation {g}", lb.lb.name));
@@ -661,7 +974,7 @@ impl<P: Provider> Deployer<P> {
         let instances = self.provider.list(&self.all_labels()).await?;
         let mut load_balancers = BTreeMap::new();
         for lb in &self.lbs {
-            let v = match lb.get().await {
+            let v = match lb.members().await {
                 Ok(s) => LbStatus {
                     set: Some(s),
                     error: None,
@@ -748,7 +1061,7 @@ impl<P: Provider> Deployer<P> {
                 .join(", ")
         ));
         for lb in &self.lbs {
-            match lb.get().await {
+            match lb.members().await {
                 Ok(s) => out.push(format!(
                     "4. {}: swap generation {} [{}] to the new servers of {:?} (expected_generation {}, require_healthy)",
                     lb.lb.name,

@@ -396,6 +396,40 @@ pub async fn verify_server(server: SocketAddr, zones: &[ZoneChecks]) -> Result<u
     Ok(asked)
 }
 
+/// Asks `server` for every zone's SOA over UDP: a cheap sign of life, checked each
+/// bake round on each new server (answered with AA, the zone file's serial).
+pub async fn answers_soa(server: SocketAddr, zones: &[ZoneChecks]) -> Result<(), VerifyError> {
+    for z in zones {
+        let mismatch = |reason: String| VerifyError::Mismatch {
+            server,
+            transport: Transport::Udp.as_str(),
+            name: z.origin.to_ascii(),
+            rtype: "SOA".into(),
+            reason,
+        };
+        let m = ask(server, &z.origin, RecordType::SOA, Transport::Udp)
+            .await
+            .map_err(|e| mismatch(format!("no usable answer: {e}")))?;
+        if m.response_code != ResponseCode::NoError || !m.authoritative {
+            return Err(mismatch(format!(
+                "rcode {}, AA {}",
+                m.response_code, m.authoritative
+            )));
+        }
+        let serial = m.answers.iter().find_map(|r| match &r.data {
+            hickory_proto::rr::RData::SOA(soa) => Some(soa.serial),
+            _ => None,
+        });
+        if serial != Some(z.serial) {
+            return Err(mismatch(format!(
+                "serial {serial:?}, the zone file has {}",
+                z.serial
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Loads every zone file.
 pub fn load_zones(files: &[std::path::PathBuf]) -> Result<Vec<ZoneChecks>, VerifyError> {
     files.iter().map(|f| load_zone(f)).collect()

@@ -27,11 +27,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::{self, AdminState as MemberState, Entry, Health, Member, SetError};
+use crate::api::{BackendList, BackendView, Changed, ErrorBody, MemberState, ReplaceSet};
+use crate::backends::{self, Entry, Member, SetError};
 use crate::config::BackendConfig;
 use crate::server::Shared;
 
@@ -55,7 +55,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -73,27 +73,6 @@ impl From<SetError> for ApiError {
     }
 }
 
-/// A backend as the API shows it.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct BackendView {
-    /// Name.
-    pub name: String,
-    /// Address.
-    pub address: String,
-    /// Weight.
-    pub weight: u32,
-    /// active / draining.
-    pub state: MemberState,
-    /// up / down / unknown.
-    pub health: Health,
-    /// Queries in flight.
-    pub outstanding: u64,
-    /// Queries forwarded.
-    pub queries_total: u64,
-    /// Queries timed out.
-    pub timeouts_total: u64,
-}
-
 fn view(e: &Entry) -> BackendView {
     BackendView {
         name: e.spec.name.clone(),
@@ -105,16 +84,6 @@ fn view(e: &Entry) -> BackendView {
         queries_total: e.runtime.queries_total(),
         timeouts_total: e.runtime.timeouts_total(),
     }
-}
-
-/// Body of `PUT /v1/backends`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PutBody {
-    backends: Vec<BackendConfig>,
-    expected_generation: Option<u64>,
-    #[serde(default)]
-    require_healthy: bool,
 }
 
 /// Parses a JSON body with a 400 and a precise reason on failure.
@@ -212,10 +181,12 @@ async fn json_errors(req: Request, next: Next) -> Response {
     resp
 }
 
-async fn list(State(s): State<AdminState>) -> Json<serde_json::Value> {
+async fn list(State(s): State<AdminState>) -> Json<BackendList> {
     let snap = s.shared.set.load();
-    let backends: Vec<_> = snap.entries.iter().map(view).collect();
-    Json(json!({ "generation": snap.generation, "backends": backends }))
+    Json(BackendList {
+        generation: snap.generation,
+        backends: snap.entries.iter().map(view).collect(),
+    })
 }
 
 async fn one(
@@ -228,11 +199,8 @@ async fn one(
         .ok_or_else(|| SetError::NotFound(name).into())
 }
 
-async fn replace(
-    State(s): State<AdminState>,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let body: PutBody = parse(&body)?;
+async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<Changed>, ApiError> {
+    let body: ReplaceSet = parse(&body)?;
     if body.backends.is_empty() {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -308,13 +276,13 @@ async fn replace(
         backends = body.backends.len(),
         "backend set replaced"
     );
-    Ok(Json(json!({ "generation": generation })))
+    Ok(Json(Changed { generation }))
 }
 
 async fn add(
     State(s): State<AdminState>,
     body: Bytes,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<Changed>), ApiError> {
     let b: BackendConfig = parse(&body)?;
     let generation = s.shared.change(|cur| {
         if cur.get(&b.name).is_some() {
@@ -328,16 +296,13 @@ async fn add(
         Ok(m)
     })?;
     tracing::info!(generation, backend = %b.name, address = %b.address, "backend added");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "generation": generation })),
-    ))
+    Ok((StatusCode::CREATED, Json(Changed { generation })))
 }
 
 async fn remove(
     State(s): State<AdminState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Changed>, ApiError> {
     let generation = s.shared.change(|cur| {
         if cur.get(&name).is_none() {
             return Err(SetError::NotFound(name.clone()));
@@ -355,14 +320,10 @@ async fn remove(
             .collect())
     })?;
     tracing::info!(generation, backend = %name, "backend removed");
-    Ok(Json(json!({ "generation": generation })))
+    Ok(Json(Changed { generation }))
 }
 
-fn set_state(
-    s: &AdminState,
-    name: &str,
-    state: MemberState,
-) -> Result<Json<serde_json::Value>, ApiError> {
+fn set_state(s: &AdminState, name: &str, state: MemberState) -> Result<Json<Changed>, ApiError> {
     let generation = s.shared.change(|cur| {
         if cur.get(name).is_none() {
             return Err(SetError::NotFound(name.to_string()));
@@ -378,20 +339,20 @@ fn set_state(
             .collect())
     })?;
     tracing::info!(generation, backend = %name, state = ?state, "backend state changed");
-    Ok(Json(json!({ "generation": generation })))
+    Ok(Json(Changed { generation }))
 }
 
 async fn drain(
     State(s): State<AdminState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Changed>, ApiError> {
     set_state(&s, &name, MemberState::Draining)
 }
 
 async fn undrain(
     State(s): State<AdminState>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Changed>, ApiError> {
     set_state(&s, &name, MemberState::Active)
 }
 

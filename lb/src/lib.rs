@@ -13,6 +13,8 @@
 //!   connections.
 //! - [`health`] — active health checks.
 //! - [`admin`] — the HTTP admin API and `/metrics`.
+//! - [`api`] — the admin API's request and response bodies, shared with clients
+//!   (the deployer).
 //! - [`metrics`] — metric names and handles.
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker).
@@ -22,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod api;
 pub mod backends;
 pub mod batch;
 pub mod config;
