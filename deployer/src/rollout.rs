@@ -157,6 +157,7 @@ impl<P: Provider> Deployer<P> {
     fn begin(&self, j: &mut Journal, phase: Phase) -> Result<Instant> {
         j.phase = phase;
         j.record(&self.dir, phase.label(), "started", "")?;
+        eprintln!("deployer: step {}: started", phase.label());
         Ok(Instant::now())
     }
 
@@ -766,7 +767,10 @@ impl<P: Provider> Deployer<P> {
         let mut failures = Vec::new();
         for lb in &self.lbs {
             match self.restore(j, lb, force).await {
-                Ok(Some(s)) => summary.push(s),
+                Ok(Some(s)) => {
+                    eprintln!("deployer: rollback: {s}");
+                    summary.push(s)
+                }
                 Ok(None) => {}
                 Err(e) => failures.push(e.to_string()),
             }
@@ -794,7 +798,11 @@ impl<P: Provider> Deployer<P> {
         failures.extend(kept);
         for inst in free {
             match self.provider.delete(&inst).await {
-                Ok(()) => summary.push(format!("deleted {} ({})", inst.label, inst.id)),
+                Ok(()) => {
+                    let s = format!("deleted {} ({})", inst.label, inst.id);
+                    eprintln!("deployer: rollback: {s}");
+                    summary.push(s)
+                }
                 Err(e) => failures.push(format!(
                     "could not delete {} ({}): {e}",
                     inst.label, inst.id
@@ -1074,13 +1082,19 @@ impl<P: Provider> Deployer<P> {
             }
         }
         out.push(format!(
-            "5. verify the same records through {} for {}s",
+            "5. verify the same records through {} for {}s, judging each load balancer's backends and metrics (timeouts <= {} of queries, SERVFAIL <= {}); cut-over {}",
             self.lbs
                 .iter()
                 .map(|l| l.lb.dns.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            self.cfg.checks.bake_s
+            self.cfg.checks.bake_s,
+            self.cfg.checks.bake_max_timeout_ratio,
+            self.cfg.checks.bake_max_servfail,
+            match self.cfg.checks.cut_over {
+                CutOver::Canary => "canary: one load balancer at a time, each baked",
+                CutOver::All => "all at once, one bake",
+            }
         ));
         out.push(format!(
             "6. delete {}",

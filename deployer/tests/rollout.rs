@@ -7,13 +7,12 @@ mod common;
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{config as lb_config, Dnslb};
 use serde_json::Value;
-use support::repo;
+use support::{repo, start_load, AdminProxy};
 
 /// The rollout steps as the progress lines name them.
 const STEPS: [&str; 7] = [
@@ -30,15 +29,35 @@ const STEPS: [&str; 7] = [
 struct Setup {
     dir: tempfile::TempDir,
     lb: Dnslb,
+    /// Between the deployer and the load balancer's admin API, when a test needs to
+    /// take the API away.
+    proxy: Option<AdminProxy>,
 }
 
 impl Setup {
     fn new(extra_checks: &str) -> Setup {
+        Setup::start(extra_checks, false)
+    }
+
+    /// The deployer reaches the admin API through an [`AdminProxy`].
+    fn with_proxy(extra_checks: &str) -> Setup {
+        Setup::start(extra_checks, true)
+    }
+
+    fn start(extra_checks: &str, proxied: bool) -> Setup {
         let lb = Dnslb::start(&lb_config(&[], ""));
         let dir = tempfile::tempdir().unwrap();
-        let s = Setup { dir, lb };
+        let proxy = proxied.then(|| AdminProxy::start(lb.admin));
+        let s = Setup { dir, lb, proxy };
         s.write_config(extra_checks);
         s
+    }
+
+    fn admin_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.proxy.as_ref().map_or(self.lb.admin, |p| p.addr)
+        )
     }
 
     fn write_config(&self, checks: &str) {
@@ -56,7 +75,7 @@ name = "ns1"
 name = "ns2"
 [[load_balancer]]
 name = "lb1"
-admin_url = "http://{admin}"
+admin_url = "{admin}"
 dns = "{dns}"
 nameservers = ["ns1", "ns2"]
 [checks]
@@ -65,7 +84,7 @@ bake_s = 1
 "#,
             state = self.dir.path().join("state").display(),
             r = r.display(),
-            admin = self.lb.admin,
+            admin = self.admin_url(),
             dns = self.lb.dns,
         );
         std::fs::write(self.dir.path().join("deployer.toml"), text).unwrap();
@@ -182,38 +201,6 @@ impl Drop for Setup {
     }
 }
 
-/// dnsperf in 3-second rounds until `stop` is set; sums sent/lost/SERVFAIL.
-struct Load {
-    handle: std::thread::JoinHandle<(u64, u64, u64, String)>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-fn start_load(dns: std::net::SocketAddr, dir: &Path) -> Load {
-    let qfile = dir.join("queries.txt");
-    std::fs::write(&qfile, "www.example.test A\nexample.test SOA\nexample.test MX\nftp.example.test CNAME\nx.wild.example.test TXT\n").unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let handle = std::thread::spawn(move || {
-        let (mut sent, mut lost, mut servfail, mut log) = (0, 0, 0, String::new());
-        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-            let out = Command::new("dnsperf")
-                .args(["-s", "127.0.0.1", "-p", &dns.port().to_string(), "-d"])
-                .arg(&qfile)
-                .args(["-l", "3", "-Q", "1500", "-c", "2", "-t", "3"])
-                .output()
-                .expect("dnsperf is installed");
-            let r = common::dnsperf_summary(&String::from_utf8_lossy(&out.stdout));
-            sent += r.sent;
-            lost += r.lost;
-            servfail += r.servfail;
-            log.push_str(&r.codes);
-            log.push('\n');
-        }
-        (sent, lost, servfail, log)
-    });
-    Load { handle, stop }
-}
-
 #[test]
 fn bootstrap_then_rollout_under_steady_load_loses_no_query() {
     let s = Setup::new("");
@@ -240,8 +227,7 @@ fn bootstrap_then_rollout_under_steady_load_loses_no_query() {
     let out = s.run(&["rollout"]);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     std::thread::sleep(Duration::from_secs(1));
-    load.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (sent, lost, servfail, log) = load.handle.join().unwrap();
+    let (sent, lost, servfail, log) = load.finish();
     assert!(out.status.success(), "{stderr}");
     for step in STEPS {
         assert!(
@@ -316,47 +302,337 @@ fn a_record_the_servers_do_not_serve_fails_the_rollout_and_changes_nothing() {
     );
 }
 
-/// Runs `deployer rollout` and SIGKILLs it as soon as `step` reports done.
-fn rollout_killed_after(s: &Setup, step: &str) {
+/// Runs `deployer <args>`, and when a line of its stderr contains `marker` calls
+/// `act`; SIGKILLs it there if `kill`. Returns whether it succeeded and its stderr.
+/// The marker must show: a case whose fault point never came did not test anything.
+fn run_until(
+    s: &Setup,
+    args: &[&str],
+    marker: &str,
+    kill: bool,
+    act: impl FnOnce(),
+) -> (bool, String) {
     let mut child = s
-        .cmd(&["rollout"])
+        .cmd(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let mut seen = Vec::new();
+    let mut seen = String::new();
+    let mut act = Some(act);
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
-        seen.push(line.clone());
-        if line.contains(&format!("step {step}: ok")) {
-            child.kill().unwrap(); // SIGKILL
-            break;
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(marker) {
+            if let Some(a) = act.take() {
+                a();
+            }
+            if kill {
+                child.kill().unwrap(); // SIGKILL
+                break;
+            }
         }
     }
     let st = child.wait().unwrap();
-    assert!(!st.success(), "killed after {step}; saw {seen:?}");
+    assert!(act.is_none(), "{args:?} never printed {marker:?}:\n{seen}");
+    (st.success(), seen)
 }
 
+/// Runs `deployer rollout` and SIGKILLs it as soon as a line contains `marker`.
+fn killed_at(s: &Setup, marker: &str) {
+    let (ok, seen) = run_until(s, &["rollout"], marker, true, || ());
+    assert!(!ok, "killed at {marker:?}; saw {seen}");
+}
+
+/// SIGKILLs the `named` of a local instance.
+fn kill_named(s: &Setup, label: &str) {
+    let pid = std::fs::read_to_string(s.dir.path().join(format!("state/local/{label}/named.pid")))
+        .unwrap();
+    let st = Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill named of {label}");
+}
+
+/// What one case of a fault matrix cost the load balancer's clients.
+struct Case {
+    name: String,
+    sent: u64,
+    lost: u64,
+    servfail: u64,
+}
+
+/// Runs one case under dnsperf load, then checks that the fleet converged: one
+/// answering instance per nameserver, none leaked or duplicated, the load balancer
+/// on exactly those, and no SERVFAIL from it (its fleet always had a live server).
+/// `old_kept`: the case must end on the servers it started with. `may_lose`: the case
+/// kills a serving `named`, so queries in flight to it may be lost.
+fn case(
+    s: &Setup,
+    cases: &mut Vec<Case>,
+    name: &str,
+    old_kept: Option<bool>,
+    may_lose: bool,
+    body: impl FnOnce(),
+) {
+    eprintln!("=== case: {name}");
+    let before = s.assert_converged();
+    let load = start_load(s.lb.dns, s.dir.path());
+    std::thread::sleep(Duration::from_millis(500));
+    body();
+    let after = s.assert_converged();
+    let (sent, lost, servfail, log) = load.finish();
+    match old_kept {
+        Some(true) => assert_eq!(after, before, "{name}: old servers kept"),
+        Some(false) => {
+            for (b, a) in before.iter().zip(&after) {
+                assert_ne!(b.1, a.1, "{name}: {} is a new instance", a.0);
+            }
+        }
+        None => {}
+    }
+    assert!(sent > 1000, "{name}: load ran: {sent}");
+    assert_eq!(servfail, 0, "{name}: no SERVFAIL with a live server\n{log}");
+    if !may_lose {
+        assert_eq!(lost, 0, "{name}: no query lost\n{log}");
+    }
+    cases.push(Case {
+        name: name.into(),
+        sent,
+        lost,
+        servfail,
+    });
+}
+
+fn report(title: &str, cases: &[Case]) {
+    eprintln!("{title}: {} cases", cases.len());
+    for c in cases {
+        eprintln!(
+            "  {:<60} sent {:>6} lost {:>3} SERVFAIL {}",
+            c.name, c.sent, c.lost, c.servfail
+        );
+    }
+}
+
+/// The deployer SIGKILLed at the start and at the end of every step, under load:
+/// the next run converges. A kill inside steps 1–5 is undone with `deployer
+/// rollback` (back to the old servers); every other one is finished by `deployer
+/// rollout`.
 #[test]
-fn a_deployer_killed_after_any_step_is_finished_by_the_next_rollout() {
+fn fault_matrix_a_deployer_killed_at_every_step_converges() {
     let s = Setup::new("");
     s.ok(&["bootstrap"]);
-    s.assert_converged();
-    for step in STEPS {
-        rollout_killed_after(&s, step);
-        let st = s.status();
-        if step != "7/7 rename" {
-            assert!(
-                !st["unfinished_rollout"].is_null(),
-                "journal records the interrupted rollout after {step}: {st}"
+    let mut cases = Vec::new();
+    for (i, step) in STEPS.iter().enumerate() {
+        for point in ["started", "ok"] {
+            let marker = format!("step {step}: {point}");
+            let roll_back = point == "started" && i < 5;
+            let how = if roll_back { "rollback" } else { "rollout" };
+            case(
+                &s,
+                &mut cases,
+                &format!("SIGKILL at {marker:?}, then {how}"),
+                Some(roll_back),
+                false,
+                || {
+                    killed_at(&s, &marker);
+                    let st = s.status();
+                    if marker != "step 7/7 rename: ok" {
+                        assert!(
+                            !st["unfinished_rollout"].is_null(),
+                            "journal records the interrupted rollout at {marker}: {st}"
+                        );
+                    }
+                    let out = s.run(&[how]);
+                    assert!(
+                        out.status.success(),
+                        "{how} after a kill at {marker}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                },
             );
         }
-        let out = s.run(&["rollout"]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "after kill at {step}: {stderr}");
-        s.assert_converged();
     }
+    report("fault matrix: kills at every step", &cases);
+}
+
+/// A new server that dies during the bake, and the rollback that follows killed
+/// after its restore and during its deletes.
+#[test]
+fn fault_matrix_a_new_server_dying_in_the_bake_and_kills_inside_the_rollback() {
+    let s = Setup::new("");
+    s.ok(&["bootstrap"]);
+    let mut cases = Vec::new();
+    case(
+        &s,
+        &mut cases,
+        "a new named dies during the bake: rolled back",
+        Some(true),
+        true,
+        || {
+            let (ok, seen) = run_until(&s, &["rollout"], "step 4/7 swap: ok", false, || {
+                kill_named(&s, "ns1-next")
+            });
+            assert!(!ok, "{seen}");
+            assert!(
+                seen.contains("5/7 bake: FAILED") && seen.contains("rolled back"),
+                "{seen}"
+            );
+            assert!(seen.contains("lb1 restored"), "{seen}");
+        },
+    );
+    // The case above let its rollback finish; these two kill it.
+    for (marker, then) in [
+        ("rollback: lb1 restored", "rollout"),
+        ("rollback: deleted", "rollback"),
+    ] {
+        case(
+            &s,
+            &mut cases,
+            &format!("a new named dies in the bake, SIGKILL at {marker:?}, then {then}"),
+            Some(true),
+            true,
+            || {
+                let mut child = s
+                    .cmd(&["rollout"])
+                    .stderr(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let mut seen = String::new();
+                let mut hit = false;
+                for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+                    let line = line.unwrap();
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if line.contains("step 4/7 swap: ok") {
+                        kill_named(&s, "ns1-next");
+                    }
+                    if line.contains(marker) {
+                        child.kill().unwrap();
+                        hit = true;
+                        break;
+                    }
+                }
+                child.wait().unwrap();
+                assert!(hit, "never saw {marker}:\n{seen}");
+                let st = s.status();
+                assert_eq!(
+                    st["unfinished_rollout"]["step"], "rolling back",
+                    "the journal says rolling back: {st}"
+                );
+                let out = s.run(&[then]);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                if then == "rollout" {
+                    // It finishes the rollback and does not go forward.
+                    assert!(!out.status.success(), "{stderr}");
+                    assert!(
+                        stderr.contains("finishing the rollback")
+                            && stderr.contains("now rolled back"),
+                        "{stderr}"
+                    );
+                    assert!(!stderr.contains("step 5/7 bake: started"), "{stderr}");
+                } else {
+                    assert!(out.status.success(), "{stderr}");
+                }
+            },
+        );
+    }
+    report("fault matrix: bake death and rollback kills", &cases);
+}
+
+/// The admin API down during the swap and at a resume, and a load balancer changed
+/// behind the rollout's back (409 on restore).
+#[test]
+fn fault_matrix_admin_api_down_or_changed_behind_the_rollout() {
+    let s = Setup::with_proxy("");
+    s.ok(&["bootstrap"]);
+    let proxy = s.proxy.as_ref().unwrap();
+    let mut cases = Vec::new();
+    case(
+        &s,
+        &mut cases,
+        "admin API down from the swap on: rollback incomplete, then rollback",
+        Some(true),
+        false,
+        || {
+            let (ok, seen) = run_until(&s, &["rollout"], "step 3/7 verify: ok", false, || {
+                proxy.set_up(false)
+            });
+            assert!(!ok, "{seen}");
+            assert!(
+                seen.contains("4/7 swap: FAILED") && seen.contains("rollback failed too"),
+                "{seen}"
+            );
+            // New servers are kept: nothing shows no load balancer serves them.
+            assert_eq!(s.status()["instances"].as_array().unwrap().len(), 4);
+            proxy.set_up(true);
+            s.ok(&["rollback"]);
+        },
+    );
+    case(
+        &s,
+        &mut cases,
+        "SIGKILL after the swap, admin API down at the resume, then rollout",
+        Some(false),
+        false,
+        || {
+            killed_at(&s, "step 4/7 swap: ok");
+            proxy.set_up(false);
+            let out = s.run(&["rollout"]);
+            assert!(!out.status.success());
+            assert_eq!(
+                s.status()["instances"].as_array().unwrap().len(),
+                4,
+                "nothing deleted while the load balancer cannot be read"
+            );
+            proxy.set_up(true);
+            s.ok(&["rollout"]);
+        },
+    );
+    case(
+        &s,
+        &mut cases,
+        "SIGKILL after the swap, the load balancer changed by hand: resume and rollback refuse, rollback --force restores",
+        Some(true),
+        false,
+        || {
+            killed_at(&s, "step 4/7 swap: ok");
+            let old_addr = s.status()["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["label"] == "ns1")
+                .map(|i| format!("127.0.0.1:{}", i["dns_port"]))
+                .unwrap();
+            let (st, body) = s.lb.http(
+                "POST",
+                "/v1/backends",
+                Some(&format!(r#"{{"name":"by-hand","address":"{old_addr}"}}"#)),
+            );
+            assert_eq!(st, 201, "{body}");
+            let out = s.run(&["rollout"]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                err.contains("not where rollout") && err.contains("by-hand"),
+                "{err}"
+            );
+            let out = s.run(&["rollback"]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                err.contains("someone changed it") && err.contains("--force"),
+                "{err}"
+            );
+            assert_eq!(s.status()["instances"].as_array().unwrap().len(), 4);
+            s.ok(&["rollback", "--force"]);
+        },
+    );
+    report("fault matrix: admin API faults", &cases);
 }
 
 #[test]
@@ -365,7 +641,7 @@ fn rollback_after_the_swap_restores_the_load_balancer_and_deletes_new_servers() 
     s.ok(&["bootstrap"]);
     let before = s.assert_converged();
     let set_before = s.lb_members();
-    rollout_killed_after(&s, "4/7 swap");
+    killed_at(&s, "step 4/7 swap: ok");
     assert_ne!(s.lb_members(), set_before, "the swap happened");
     let out = s.ok(&["rollback"]);
     assert!(out.contains("restored") && out.contains("deleted"), "{out}");
