@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::ansible::{self, AnsibleError, Host};
 use crate::bake;
-use crate::config::{Config, CutOver};
+use crate::config::{Config, CutOver, LoadBalancer};
 use crate::journal::{Journal, Lock, LockError, Phase};
 use crate::lbclient::{describe, same_members, Backend, BackendSet, LbClient, LbError};
 use crate::provider::{Instance, Provider, ProviderError};
@@ -100,6 +100,49 @@ fn next_label(ns: &str) -> String {
 pub fn backend_name(ns: &str, inst: &Instance) -> String {
     let id = inst.id.rsplit('-').next().unwrap_or(&inst.id);
     format!("{ns}-{id}")
+}
+
+/// Is `b` (a member of `lb`'s set) this instance? Either the address the provider
+/// gives that load balancer for it, or any of its own addresses with its DNS port.
+fn points_at(provider: &impl Provider, lb: &LoadBalancer, b: &Backend, inst: &Instance) -> bool {
+    provider.backend_addr(inst, lb) == Some(b.address)
+        || [inst.public_ipv4, inst.private_ipv4]
+            .into_iter()
+            .flatten()
+            .any(|ip| SocketAddr::new(ip, inst.dns_port) == b.address)
+}
+
+/// Splits `doomed` into the instances no set in `sets` serves and, for the others,
+/// which load balancer and backend still serve them.
+fn split_served(
+    provider: &impl Provider,
+    sets: &[(&LoadBalancer, BackendSet)],
+    doomed: Vec<Instance>,
+) -> (Vec<Instance>, Vec<String>) {
+    let mut free = Vec::new();
+    let mut kept = Vec::new();
+    for inst in doomed {
+        let refs: Vec<String> = sets
+            .iter()
+            .flat_map(|(lb, s)| {
+                s.backends
+                    .iter()
+                    .filter(|b| points_at(provider, lb, b, &inst))
+                    .map(|b| format!("{} (backend {} {})", lb.name, b.name, b.address))
+            })
+            .collect();
+        if refs.is_empty() {
+            free.push(inst);
+        } else {
+            kept.push(format!(
+                "{} ({}) is still served by {}",
+                inst.label,
+                inst.id,
+                refs.join(", ")
+            ));
+        }
+    }
+    (free, kept)
 }
 
 /// Prints one progress line for a step.
@@ -413,15 +456,6 @@ impl<P: Provider> Deployer<P> {
         Ok(())
     }
 
-    /// Is `b` (a member of `lb`'s set) this instance?
-    fn points_at(&self, lb: &LbClient, b: &Backend, inst: &Instance) -> bool {
-        self.provider.backend_addr(inst, &lb.lb) == Some(b.address)
-            || [inst.public_ipv4, inst.private_ipv4]
-                .into_iter()
-                .flatten()
-                .any(|ip| SocketAddr::new(ip, inst.dns_port) == b.address)
-    }
-
     /// The invariant before every delete: reads every load balancer's live set and
     /// splits `doomed` into what no load balancer serves and, with the reason, what
     /// must be kept. A load balancer that cannot be read keeps everything: nothing
@@ -431,7 +465,7 @@ impl<P: Provider> Deployer<P> {
         let mut unreadable = Vec::new();
         for lb in &self.lbs {
             match lb.members().await {
-                Ok(s) => sets.push((lb, s)),
+                Ok(s) => sets.push((&lb.lb, s)),
                 Err(e) => unreadable.push(e.to_string()),
             }
         }
@@ -449,30 +483,7 @@ impl<P: Provider> Deployer<P> {
                 .collect();
             return (Vec::new(), kept);
         }
-        let mut free = Vec::new();
-        let mut kept = Vec::new();
-        for inst in doomed {
-            let refs: Vec<String> = sets
-                .iter()
-                .flat_map(|(lb, s)| {
-                    s.backends
-                        .iter()
-                        .filter(|b| self.points_at(lb, b, &inst))
-                        .map(|b| format!("{} (backend {} {})", lb.lb.name, b.name, b.address))
-                })
-                .collect();
-            if refs.is_empty() {
-                free.push(inst);
-            } else {
-                kept.push(format!(
-                    "{} ({}) is still served by {}",
-                    inst.label,
-                    inst.id,
-                    refs.join(", ")
-                ));
-            }
-        }
-        (free, kept)
+        split_served(&self.provider, &sets, doomed)
     }
 
     /// On resume at or past the swap: every load balancer must be where the journal
@@ -1233,5 +1244,69 @@ impl std::fmt::Display for Status {
             ),
             None => writeln!(f, "no unfinished rollout"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::local::Local;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn inst(id: &str, port: u16) -> Instance {
+        Instance {
+            id: id.into(),
+            label: format!("ns-{id}"),
+            region: "local".into(),
+            status: "running".into(),
+            public_ipv4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            private_ipv4: None,
+            dns_port: port,
+            tags: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_instance_any_load_balancer_serves_is_kept_and_named() {
+        let d = tempfile::tempdir().unwrap();
+        let local = Local::new(d.path(), d.path());
+        let lb = |name: &str| LoadBalancer {
+            name: name.into(),
+            admin_url: "http://127.0.0.1:1".into(),
+            token_file: None,
+            dns: "127.0.0.1:53".parse().unwrap(),
+            nameservers: vec!["ns1".into()],
+            region: None,
+        };
+        let (lb1, lb2) = (lb("lb1"), lb("lb2"));
+        let set = |addrs: &[&str]| BackendSet {
+            generation: 3,
+            backends: addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| Backend {
+                    name: format!("b{i}"),
+                    address: a.parse().unwrap(),
+                    weight: 1,
+                })
+                .collect(),
+        };
+        let sets = [
+            (&lb1, set(&["127.0.0.1:5301"])),
+            (&lb2, set(&["127.0.0.1:5399", "127.0.0.1:5302"])),
+        ];
+        let (free, kept) = split_served(
+            &local,
+            &sets,
+            vec![inst("a", 5301), inst("b", 5302), inst("c", 5303)],
+        );
+        assert_eq!(free, vec![inst("c", 5303)]);
+        assert_eq!(
+            kept,
+            [
+                "ns-a (a) is still served by lb1 (backend b0 127.0.0.1:5301)",
+                "ns-b (b) is still served by lb2 (backend b1 127.0.0.1:5302)",
+            ]
+        );
     }
 }

@@ -761,6 +761,17 @@ fn a_swap_refused_by_a_second_load_balancer_puts_the_first_one_back() {
         "{stderr}"
     );
     assert!(stderr.contains("lb1 restored"), "{stderr}");
+    // Canary order: lb1 is swapped and baked before lb2 is touched.
+    let at = |needle: &str| {
+        stderr
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle}:\n{stderr}"))
+    };
+    assert!(
+        at("4/7 swap: ok, lb1 -> generation") < at("5/7 bake: ok")
+            && at("5/7 bake: ok") < at("4/7 swap: FAILED"),
+        "{stderr}"
+    );
     assert_eq!(s.lb_members(), set_before, "lb1 is put back");
     let lb2_after: serde_json::Value =
         serde_json::from_str(&lb2.http("GET", "/v1/backends", None).1).unwrap();
@@ -773,5 +784,53 @@ fn a_swap_refused_by_a_second_load_balancer_puts_the_first_one_back() {
         s.assert_converged(),
         before,
         "no new server left, old ones intact"
+    );
+}
+
+#[test]
+fn a_second_load_balancer_changed_during_the_canary_bake_is_left_alone_and_the_first_restored() {
+    let s = Setup::new("");
+    let lb2 = Dnslb::start(&lb_config(&[], ""));
+    s.write_config(&format!(
+        "\n[[load_balancer]]\nname = \"lb2\"\nadmin_url = \"http://{}\"\ndns = \"{}\"\nnameservers = [\"ns1\", \"ns2\"]\n",
+        lb2.admin, lb2.dns
+    ));
+    s.ok(&["bootstrap"]);
+    let before = s.assert_converged();
+    let set_before = s.lb_members();
+    // While lb1 bakes, someone adds a backend to lb2: its swap must get 409.
+    let (ok, seen) = run_until(&s, &["rollout"], "step 5/7 bake: started", false, || {
+        let (st, body) = lb2.http(
+            "POST",
+            "/v1/backends",
+            Some(r#"{"name":"by-hand","address":"127.0.0.1:9"}"#),
+        );
+        assert_eq!(st, 201, "{body}");
+    });
+    assert!(!ok, "{seen}");
+    assert!(
+        seen.contains("4/7 swap: FAILED") && seen.contains("409") && seen.contains("lb2 changed"),
+        "{seen}"
+    );
+    assert!(seen.contains("lb1 restored"), "{seen}");
+    assert_eq!(s.lb_members(), set_before, "lb1 is put back");
+    let lb2_now: Value = serde_json::from_str(&lb2.http("GET", "/v1/backends", None).1).unwrap();
+    assert!(
+        lb2_now["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"] == "by-hand"),
+        "the hand-made change on lb2 is kept: {lb2_now}"
+    );
+    assert_eq!(
+        lb2_now["backends"].as_array().unwrap().len(),
+        3,
+        "{lb2_now}"
+    );
+    assert_eq!(
+        s.assert_converged(),
+        before,
+        "old servers kept, new ones gone"
     );
 }
