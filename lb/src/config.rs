@@ -222,6 +222,12 @@ pub struct Server {
     pub shutdown_grace_ms: u64,
     /// SO_RCVBUF/SO_SNDBUF of every UDP socket.
     pub udp_socket_buffer: usize,
+    /// The binary SIGUSR2 starts as the next dnslb; unset: the path this process was
+    /// started from (read at start-up, so a package that replaced the file is run).
+    pub upgrade_binary: Option<PathBuf>,
+    /// How long the next dnslb may take to say it is ready before the upgrade is
+    /// given up (the child is killed; this process goes on serving).
+    pub upgrade_timeout_ms: u64,
 }
 
 impl Default for Server {
@@ -231,6 +237,8 @@ impl Default for Server {
             tcp_workers: 0,
             shutdown_grace_ms: 5000,
             udp_socket_buffer: 4 << 20,
+            upgrade_binary: None,
+            upgrade_timeout_ms: 30_000,
         }
     }
 }
@@ -295,6 +303,8 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "tcp_workers",
             "shutdown_grace_ms",
             "udp_socket_buffer",
+            "upgrade_binary",
+            "upgrade_timeout_ms",
         ],
     ),
     ("backend", &["name", "address", "weight"]),
@@ -434,6 +444,9 @@ impl Config {
         }
         if self.server.tcp_workers > 256 {
             p.push("server.tcp_workers must be <= 256".into());
+        }
+        if self.server.upgrade_timeout_ms == 0 {
+            p.push("server.upgrade_timeout_ms must be > 0".into());
         }
         p.extend(validate_backends(&self.backend));
         if !self.listen.admin.ip().is_loopback() && self.admin.token_file.is_none() {

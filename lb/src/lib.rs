@@ -17,7 +17,10 @@
 //!   (the deployer).
 //! - [`metrics`] — metric names and handles.
 //! - [`state`] — persistence of the backend set.
-//! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker).
+//! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker), or taking
+//!   passed ones.
+//! - [`handover`] — sockets passed between processes: socket activation
+//!   (`sd_listen_fds`) and the SIGUSR2 upgrade.
 //! - [`server`] — start-up, worker threads, reload and graceful shutdown.
 //! - `control` — how the server tells a worker thread to drain or stop.
 //! - [`systemd`] — `sd_notify`.
@@ -29,6 +32,7 @@ pub mod backends;
 pub mod batch;
 pub mod config;
 mod control;
+pub mod handover;
 pub mod health;
 pub mod metrics;
 pub mod packet;
@@ -41,7 +45,7 @@ mod udp;
 
 pub use config::Config;
 pub use server::{run, Server};
-pub use sockets::{bind, Listeners};
+pub use sockets::{bind, bind_with, Listeners};
 
 /// The version printed by `--version` and `GET /v1/status`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

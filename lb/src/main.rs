@@ -1,12 +1,17 @@
 //! The `dnslb` binary: parses the command line, sets up logging, binds the sockets
-//! and runs the server from the library; signals map to shutdown (TERM/INT) and
-//! reload (HUP).
+//! (or takes passed ones) and runs the server from the library; signals map to
+//! shutdown (TERM/INT), reload (HUP) and hitless upgrade (USR2).
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use dnslb::handover::{self, Inherited};
+use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// DNS load balancer with an atomically swappable backend set.
@@ -23,6 +28,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Both read before any thread starts: the path of this binary (before a package
+    // can replace the file) for SIGUSR2, and passed sockets (this edits the
+    // environment).
+    let exe = std::env::current_exe().ok();
+    let inherited = handover::take_listen_fds();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -43,7 +53,14 @@ fn main() -> ExitCode {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    match serve(cli.config, config) {
+    let inherited = match inherited {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("socket activation: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match serve(cli.config, config, inherited, exe) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -52,7 +69,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(path: PathBuf, config: dnslb::Config) -> anyhow::Result<()> {
+fn serve(
+    path: PathBuf,
+    config: dnslb::Config,
+    inherited: Vec<Inherited>,
+    exe: Option<PathBuf>,
+) -> anyhow::Result<()> {
     // One thread for the admin API and health checks; the data plane runs on its own
     // worker threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -62,14 +84,25 @@ fn serve(path: PathBuf, config: dnslb::Config) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let listeners = dnslb::bind(&config).context("binding listeners")?;
+        // Handlers first: from READY=1 on, the service manager may send SIGHUP
+        // (`systemctl reload`) or SIGTERM at any moment, and before a handler is
+        // installed either one would kill the process instead. One that arrives
+        // during start-up waits for the loop below.
+        let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing signal handlers")?;
+        let mut usr2 =
+            signal(SignalKind::user_defined2()).context("installing signal handlers")?;
+        let listeners = dnslb::bind_with(&config, inherited).context("binding listeners")?;
+        // Copies of every listening socket, for the next dnslb on SIGUSR2.
+        let copies = listeners
+            .handover_copies()
+            .context("copying the listening sockets")?;
         let server = dnslb::Server::start(config, listeners).context("starting")?;
         if let Err(e) = dnslb::systemd::notify("READY=1") {
             tracing::warn!("sd_notify READY=1 failed: {e}");
         }
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+        handover::report_ready();
         let mut failure = None;
         loop {
             tokio::select! {
@@ -79,6 +112,13 @@ fn serve(path: PathBuf, config: dnslb::Config) -> anyhow::Result<()> {
                     failure = Some(anyhow::anyhow!("a data-plane worker failed; exiting so the service manager restarts dnslb"));
                     break;
                 }
+                _ = usr2.recv() => match upgrade(&path, exe.as_deref(), &copies).await {
+                    Ok(pid) => {
+                        tracing::info!(pid, "upgrade: the next dnslb is ready; handing over");
+                        break;
+                    }
+                    Err(e) => tracing::error!("upgrade failed, still serving: {e:#}"),
+                },
                 _ = hup.recv() => {
                     let _ = dnslb::systemd::notify("RELOADING=1");
                     match dnslb::Config::load(&path) {
@@ -96,4 +136,52 @@ fn serve(path: PathBuf, config: dnslb::Config) -> anyhow::Result<()> {
         server.shutdown().await.context("shutdown")?;
         failure.map_or(Ok(()), Err)
     })
+}
+
+/// SIGUSR2: starts the next dnslb with every listening socket and waits until it
+/// says it is ready. Its process ID on success; on failure the child is gone and
+/// this process goes on serving.
+async fn upgrade(
+    config_path: &Path,
+    exe: Option<&Path>,
+    copies: &[(OwnedFd, &'static str)],
+) -> anyhow::Result<u32> {
+    let cfg = dnslb::Config::load(config_path)
+        .with_context(|| format!("{} is not valid; not upgrading", config_path.display()))?;
+    let bin = cfg
+        .server
+        .upgrade_binary
+        .as_deref()
+        .or(exe)
+        .context("no binary to start: set server.upgrade_binary")?
+        .to_path_buf();
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let fds: Vec<_> = copies.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
+    let (mut child, ready) = handover::spawn_upgrade(&bin, &args, &fds)
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id();
+    tracing::info!(pid, binary = %bin.display(), "upgrade: started the next dnslb, waiting until it is ready");
+    ready.set_nonblocking(true)?;
+    let mut ready = tokio::net::UnixStream::from_std(ready)?;
+    let mut buf = [0u8; 16];
+    let limit = Duration::from_millis(cfg.server.upgrade_timeout_ms);
+    match tokio::time::timeout(limit, ready.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Ok(pid),
+        Ok(_) => {
+            // It closed its end without a word: it is exiting.
+            let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+            anyhow::bail!(
+                "the next dnslb (pid {pid}, {}) exited before it was ready: {status}",
+                bin.display()
+            )
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+            anyhow::bail!(
+                "the next dnslb (pid {pid}) was not ready within {} ms; killed it",
+                cfg.server.upgrade_timeout_ms
+            )
+        }
+    }
 }

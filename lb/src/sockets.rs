@@ -1,14 +1,18 @@
 //! Binding the listening sockets. The caller binds (so tests can use port 0 and a
-//! systemd unit could pass sockets in); the server only reports the real addresses.
+//! systemd unit can pass sockets in); the server only reports the real addresses.
 //! Every `listen.dns` address gets one UDP socket per UDP worker and one TCP listener
 //! per TCP worker, all with SO_REUSEPORT so the kernel spreads clients over them.
+//! Sockets passed in ([`crate::handover`]) are used instead of binding: matched to
+//! `listen.dns` and `listen.admin` by bound address and type.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsFd, OwnedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
+use crate::handover::{Inherited, Kind};
 
 /// Every socket the server needs, bound.
 #[derive(Debug)]
@@ -36,6 +40,150 @@ impl Listeners {
             .local_addr()
             .expect("bound socket has an address")
     }
+
+    /// A copy of every listening socket (each worker's UDP socket and TCP listener of
+    /// every address, and the admin listener), named as [`crate::handover`] passes
+    /// them on: kept by the process to hand to the next one on an upgrade.
+    pub fn handover_copies(&self) -> io::Result<Vec<(OwnedFd, &'static str)>> {
+        let mut out = Vec::new();
+        for s in self.udp.iter().flatten() {
+            out.push((s.as_fd().try_clone_to_owned()?, "dns-udp"));
+        }
+        for s in self.tcp.iter().flatten() {
+            out.push((s.as_fd().try_clone_to_owned()?, "dns-tcp"));
+        }
+        out.push((self.admin.as_fd().try_clone_to_owned()?, "admin"));
+        Ok(out)
+    }
+}
+
+/// Like [`bind`], but uses the sockets in `inherited` for the addresses they are
+/// bound to, and binds nothing itself for those. For an address with passed
+/// sockets, both kinds must be there; each worker gets one of them (workers share a
+/// socket when fewer were passed than there are workers, and there are as many
+/// workers as sockets when more were passed). A passed socket that matches no
+/// `listen.dns` or `listen.admin` address is an error; every problem is listed.
+pub fn bind_with(config: &Config, inherited: Vec<Inherited>) -> io::Result<Listeners> {
+    if inherited.is_empty() {
+        return bind(config);
+    }
+    let mut problems = Vec::new();
+    let mut admin = None;
+    let mut per_addr: Vec<(Vec<Socket>, Vec<Socket>)> = config
+        .listen
+        .dns
+        .iter()
+        .map(|_| (Vec::new(), Vec::new()))
+        .collect();
+    let mut ports: Vec<Option<u16>> = vec![None; config.listen.dns.len()];
+    for i in inherited {
+        let what = format!(
+            "passed descriptor {} ({} {}{})",
+            i.fd,
+            i.kind.as_str(),
+            i.addr,
+            i.name
+                .as_deref()
+                .map(|n| format!(", name {n:?}"))
+                .unwrap_or_default()
+        );
+        // A configured port 0 stands for whatever port the passed socket has (the
+        // parent of an upgrade bound it so): the first such address with that IP.
+        let is_admin = i.name.as_deref() == Some("admin");
+        let exact = config.listen.dns.iter().position(|a| *a == i.addr);
+        let wildcard = || {
+            config.listen.dns.iter().enumerate().position(|(k, a)| {
+                a.port() == 0
+                    && a.ip() == i.addr.ip()
+                    && ports[k].is_none_or(|p| p == i.addr.port())
+            })
+        };
+        let admin_matches = i.kind == Kind::Tcp
+            && admin.is_none()
+            && (i.addr == config.listen.admin
+                || (config.listen.admin.port() == 0 && config.listen.admin.ip() == i.addr.ip()));
+        if is_admin && admin_matches {
+            admin = Some(i.socket);
+        } else if let Some(k) = exact.or_else(wildcard).filter(|_| !is_admin) {
+            ports[k] = Some(i.addr.port());
+            match i.kind {
+                Kind::Udp => per_addr[k].0.push(i.socket),
+                Kind::Tcp => per_addr[k].1.push(i.socket),
+            }
+        } else if admin_matches && i.addr == config.listen.admin {
+            admin = Some(i.socket);
+        } else {
+            problems.push(format!(
+                "{what} matches no listen.dns address ({}) nor listen.admin ({})",
+                config
+                    .listen
+                    .dns
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                config.listen.admin
+            ));
+        }
+    }
+    for (addr, (u, t)) in config.listen.dns.iter().zip(&per_addr) {
+        if u.is_empty() != t.is_empty() {
+            problems.push(format!(
+                "listen.dns {addr}: a {} socket was passed but no {} socket (pass both, e.g. ListenDatagram= and ListenStream=)",
+                if u.is_empty() { "TCP" } else { "UDP" },
+                if u.is_empty() { "UDP" } else { "TCP" }
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "passed sockets do not match the configuration:\n  - {}",
+                problems.join("\n  - ")
+            ),
+        ));
+    }
+    let udp_n = per_addr
+        .iter()
+        .map(|(u, _)| u.len())
+        .chain([config.worker_count()])
+        .max()
+        .unwrap_or(1);
+    let tcp_n = per_addr
+        .iter()
+        .map(|(_, t)| t.len())
+        .chain([config.tcp_worker_count()])
+        .max()
+        .unwrap_or(1);
+    let mut udp: Vec<Vec<UdpSocket>> = (0..udp_n).map(|_| Vec::new()).collect();
+    let mut tcp: Vec<Vec<TcpListener>> = (0..tcp_n).map(|_| Vec::new()).collect();
+    for (&addr, (u, t)) in config.listen.dns.iter().zip(per_addr) {
+        if u.is_empty() {
+            let (bu, bt) = bind_address(addr, udp_n, tcp_n, config.server.udp_socket_buffer)?;
+            for (w, s) in udp.iter_mut().zip(bu) {
+                w.push(s);
+            }
+            for (w, s) in tcp.iter_mut().zip(bt) {
+                w.push(s);
+            }
+            continue;
+        }
+        for s in &u {
+            set_buffers(s, config.server.udp_socket_buffer);
+        }
+        for (w, sockets) in udp.iter_mut().enumerate() {
+            sockets.push(u[w % u.len()].try_clone()?.into());
+        }
+        for (w, listeners) in tcp.iter_mut().enumerate() {
+            listeners.push(t[w % t.len()].try_clone()?.into());
+        }
+    }
+    let admin = match admin {
+        Some(s) => s.into(),
+        None => bind_admin(config)?,
+    };
+    Ok(Listeners { udp, tcp, admin })
 }
 
 /// Binds every listener of `config`: per `listen.dns` address one UDP socket per UDP
@@ -69,6 +217,11 @@ pub fn bind(config: &Config) -> io::Result<Listeners> {
             return Err(e);
         }
     }
+    let admin = bind_admin(config)?;
+    Ok(Listeners { udp, tcp, admin })
+}
+
+fn bind_admin(config: &Config) -> io::Result<TcpListener> {
     let admin = TcpListener::bind(config.listen.admin).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -76,7 +229,7 @@ pub fn bind(config: &Config) -> io::Result<Listeners> {
         )
     })?;
     admin.set_nonblocking(true)?;
-    Ok(Listeners { udp, tcp, admin })
+    Ok(admin)
 }
 
 /// `udp_n` UDP sockets and `tcp_n` TCP listeners on `addr`, all on the same port.
