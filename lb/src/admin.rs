@@ -361,6 +361,7 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let tun = s.shared.tunables.load();
     Json(json!({
         "version": crate::VERSION,
+        "pid": std::process::id(),
         "uptime_s": s.shared.started.elapsed().as_secs(),
         "generation": snap.generation,
         "backends": snap.entries.len(),
