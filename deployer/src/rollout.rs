@@ -221,6 +221,7 @@ impl<P: Provider> Deployer<P> {
             &self.cfg.ansible.playbook,
             &self.dir.join("runs").join(run),
             &hosts,
+            Duration::from_secs(self.cfg.ansible.timeout_s),
         )
         .await?;
         Ok(format!(
