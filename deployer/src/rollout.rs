@@ -498,8 +498,16 @@ impl<P: Provider> Deployer<P> {
             j.new.values().map(|i| (i.id.clone(), i.clone())).collect();
         for ns in &self.cfg.nameservers {
             if let Some(i) = self.provider.find(&next_label(&ns.name)).await? {
-                if !j.old.values().any(|o| o.id == i.id) {
+                if j.old.values().any(|o| o.id == i.id) || doomed.contains_key(&i.id) {
+                    continue;
+                }
+                if i.created_by(&j.id) {
                     doomed.insert(i.id.clone(), i);
+                } else {
+                    summary.push(format!(
+                        "left {} ({}) alone: rollout {} did not create it",
+                        i.label, i.id, j.id
+                    ));
                 }
             }
         }

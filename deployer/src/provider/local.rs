@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::{Instance, Provider, ProviderError, MANAGED_TAG};
+use super::{rollout_tag, Instance, Provider, ProviderError, MANAGED_TAG};
 use crate::config::LoadBalancer;
 
 /// Local instances under one directory.
@@ -160,7 +160,16 @@ impl Provider for Local {
         rollout: &str,
     ) -> Result<Instance, ProviderError> {
         if let Some(existing) = self.read(label)? {
-            return Ok(existing);
+            if existing.created_by(rollout) {
+                return Ok(existing);
+            }
+            return Err(ProviderError::Conflict(format!(
+                "{label} exists ({}, tags {:?}) but was not created by this run ({}): it is left alone; remove {} if it is not needed, then run again",
+                existing.id,
+                existing.tags,
+                rollout_tag(rollout),
+                self.dir(label).display()
+            )));
         }
         let inst = Instance {
             id: format!("local-{:08x}", fastrand::u32(..)),
@@ -170,7 +179,9 @@ impl Provider for Local {
             public_ipv4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             private_ipv4: None,
             dns_port: self.free_port()?,
-            tags: vec![MANAGED_TAG.into(), format!("rollout:{rollout}")],
+            tags: vec![MANAGED_TAG.into(), rollout_tag(rollout)],
+            instance_type: None,
+            image: None,
         };
         self.write(&inst)?;
         Ok(inst)
