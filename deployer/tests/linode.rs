@@ -32,12 +32,30 @@ impl Setup {
         lb_backends: &[(&str, std::net::SocketAddr)],
         boot_timeout_s: u64,
     ) -> Setup {
+        Setup::with_step(
+            net,
+            ssh,
+            lb_backends,
+            boot_timeout_s,
+            Duration::from_millis(300),
+        )
+    }
+
+    /// `step`: how long an instance of the fake stays in each of provisioning and
+    /// booting.
+    fn with_step(
+        net: u8,
+        ssh: bool,
+        lb_backends: &[(&str, std::net::SocketAddr)],
+        boot_timeout_s: u64,
+        step: Duration,
+    ) -> Setup {
         let lb = Dnslb::start(&lb_config(lb_backends, ""));
         let api = fake_linode::start(
             Ipv4Addr::new(127, net, 0, 0),
             ssh,
             common::free_port(),
-            Duration::from_millis(300),
+            step,
         );
         let dir = tempfile::tempdir().unwrap();
         let s = Setup {
@@ -481,7 +499,9 @@ fn a_create_whose_outcome_is_unknown_is_looked_up_before_it_is_sent_again() {
 
 #[test]
 fn creates_wait_out_429_and_instances_that_stay_offline_are_booted() {
-    let s = Setup::new(67, true, &[], 30);
+    // Provisioning lasts long enough to be seen by the first poll even on a busy
+    // machine.
+    let s = Setup::with_step(67, true, &[], 30, Duration::from_millis(1500));
     s.ok(&["bootstrap"]);
     s.api.fake.faults(|f| {
         f.create_429 = 2;

@@ -63,7 +63,34 @@ enum Failure {
     /// taken effect.
     Unknown(String),
     /// A definite answer that retrying cannot change (4xx).
-    Final(ProviderError),
+    Refused(Refusal),
+}
+
+/// A 4xx answer: its status, Linode's `{"errors": …}` body, and the message to show.
+struct Refusal {
+    status: StatusCode,
+    body: Value,
+    msg: String,
+}
+
+impl Refusal {
+    /// Does Linode name `field` with a reason containing `reason`?
+    fn says(&self, field: &str, reason: &str) -> bool {
+        self.body["errors"].as_array().is_some_and(|errs| {
+            errs.iter().any(|e| {
+                e["field"] == field && e["reason"].as_str().is_some_and(|r| r.contains(reason))
+            })
+        })
+    }
+}
+
+impl From<Failure> for ProviderError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Throttled(_, msg) | Failure::Unknown(msg) => ProviderError::Api(msg),
+            Failure::Refused(r) => ProviderError::Api(r.msg),
+        }
+    }
 }
 
 impl Linode {
@@ -155,7 +182,11 @@ impl Linode {
                 self.cfg.token_env
             ));
         }
-        Err(Failure::Final(ProviderError::Api(msg)))
+        Err(Failure::Refused(Refusal {
+            status,
+            body: value,
+            msg,
+        }))
     }
 
     /// An API call that may safely be repeated (GET, PUT of a label, DELETE, boot),
@@ -169,16 +200,28 @@ impl Linode {
         filter: Option<&Value>,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), ProviderError> {
+        Ok(self.retrying(method, path, query, filter, body).await?)
+    }
+
+    /// [`Linode::call`], keeping a 4xx answer as it came for the caller to judge.
+    async fn retrying(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        filter: Option<&Value>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), Failure> {
         let mut backoff = Duration::from_millis(250);
         for attempt in 1.. {
             let (wait, msg) = match self.exchange(&method, path, query, filter, body).await {
                 Ok(answer) => return Ok(answer),
-                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Refused(r)) => return Err(Failure::Refused(r)),
                 Err(Failure::Throttled(wait, msg)) if !wait.is_zero() => (wait, msg),
                 Err(Failure::Throttled(_, msg) | Failure::Unknown(msg)) => (backoff, msg),
             };
             if attempt >= MAX_ATTEMPTS {
-                return Err(ProviderError::Api(format!(
+                return Err(Failure::Unknown(format!(
                     "{msg} (gave up after {MAX_ATTEMPTS} attempts)"
                 )));
             }
@@ -252,22 +295,24 @@ impl Linode {
         )))
     }
 
-    /// `POST /linode/instances/{id}/boot` for an instance that is offline. A refusal
-    /// (it may have begun booting meanwhile) is logged and the wait goes on; a token
-    /// without the scope ends it.
+    /// `POST /linode/instances/{id}/boot` for an instance that is offline. A 400 or
+    /// 409 (it may have begun booting meanwhile) is logged and the wait goes on; any
+    /// other error (a token without the scope, the instance gone) ends it.
     async fn boot(&self, inst: &Instance) -> Result<(), ProviderError> {
         eprintln!(
             "deployer: linode: {} ({}) is offline, booting it",
             inst.label, inst.id
         );
         let path = format!("/linode/instances/{}/boot", inst.id);
-        match self.call(Method::POST, &path, &[], None, None).await {
+        match self.retrying(Method::POST, &path, &[], None, None).await {
             Ok(_) => Ok(()),
-            Err(ProviderError::Api(e)) if !e.contains(": 401 ") && !e.contains(": 403 ") => {
-                eprintln!("deployer: {e} (still waiting)");
+            Err(Failure::Refused(r))
+                if matches!(r.status, StatusCode::BAD_REQUEST | StatusCode::CONFLICT) =>
+            {
+                eprintln!("deployer: {} (still waiting)", r.msg);
                 Ok(())
             }
-            Err(e) => Err(e),
+            Err(f) => Err(f.into()),
         }
     }
 
@@ -491,12 +536,8 @@ impl Provider for Linode {
                 Err(Failure::Unknown(msg)) => (backoff, format!("{msg}; it may have been created")),
                 // Created meanwhile by someone else (or by a lost earlier attempt):
                 // the next lookup decides whether it may be reused.
-                Err(Failure::Final(ProviderError::Api(e)))
-                    if e.contains("label: Label must be unique") =>
-                {
-                    (Duration::ZERO, e)
-                }
-                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Refused(r)) if r.says("label", "unique") => (Duration::ZERO, r.msg),
+                Err(f @ Failure::Refused(_)) => return Err(f.into()),
             };
             if attempt >= MAX_ATTEMPTS {
                 return Err(ProviderError::Api(format!(
