@@ -257,3 +257,31 @@ impl Provider for Local {
         Some(SocketAddr::from((Ipv4Addr::LOCALHOST, inst.dns_port)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn create_reuses_only_what_the_same_run_made() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Local::new(d.path(), d.path());
+        let made = p.create("ns1-next", "local", "r1-aaaa").await.unwrap();
+        assert!(made.created_by("r1-aaaa"));
+        assert_eq!(made.tags, [MANAGED_TAG, "dnslb-rollout-r1-aaaa"]);
+        // The same run (a resumed rollout) gets the same instance back.
+        let again = p.create("ns1-next", "local", "r1-aaaa").await.unwrap();
+        assert_eq!(again.id, made.id);
+        // Another run is refused, and the instance is left as it was.
+        let err = p.create("ns1-next", "local", "r2-bbbb").await.unwrap_err();
+        assert!(matches!(err, ProviderError::Conflict(_)), "{err}");
+        assert!(err.to_string().contains("not created by this run"), "{err}");
+        assert_eq!(p.find("ns1-next").await.unwrap().unwrap().id, made.id);
+        // An instance.json written before the tag change is still this run's.
+        let mut old = made.clone();
+        old.tags = vec![MANAGED_TAG.into(), "rollout:r1-aaaa".into()];
+        p.write(&old).unwrap();
+        let reused = p.create("ns1-next", "local", "r1-aaaa").await.unwrap();
+        assert_eq!(reused.id, made.id);
+    }
+}
