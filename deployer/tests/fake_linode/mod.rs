@@ -9,7 +9,8 @@
 //! Faults a test can switch on ([`Faults`]): a create that makes the instance and then
 //! answers 500, a 500 before anything is made, a create whose response is cut off
 //! mid-way (the instance exists, the client never learns its ID), instances that come
-//! out of provisioning `offline` although `booted` was true, 429 on creates, and a
+//! out of provisioning `offline` although `booted` was true, a listing that lags
+//! behind a create whose answer was lost, 429 on creates, and a
 //! restricted token (read-only, or no Linodes scope: 403 `Unauthorized`).
 //!
 //! It hands out loopback addresses only (127.0.0.0/8), and brings each one up as a /32
@@ -75,6 +76,9 @@ pub struct Faults {
     pub create_500_before: u32,
     /// Creates that make the instance, then cut the response off.
     pub create_lost_response: u32,
+    /// An instance whose create answer was cut off stays out of this many of the
+    /// following listings (a listing that lags behind the create).
+    pub lost_hidden_from_lists: u32,
     /// Creates that answer 429 with `Retry-After: 1`.
     pub create_429: u32,
     /// New instances stop `offline` after provisioning even with `booted: true`.
@@ -98,6 +102,8 @@ pub struct Inner {
     pub throttle: u32,
     /// Injected faults.
     pub faults: Faults,
+    /// Instances left out of the next N listings: id -> N.
+    pub hidden: BTreeMap<u64, u32>,
     pub ssh_listeners: BTreeMap<u64, tokio::task::JoinHandle<()>>,
 }
 
@@ -410,10 +416,15 @@ async fn list(
         None => json!({}),
     };
     let mut g = f.inner.lock().unwrap();
-    let all: Vec<Linode> = g.linodes.values().cloned().collect();
+    let mut all: Vec<Linode> = g.linodes.values().cloned().collect();
     for l in &all {
         f.boot_ssh(&mut g, l);
     }
+    all.retain(|l| !g.hidden.contains_key(&l.id));
+    for n in g.hidden.values_mut() {
+        *n -= 1;
+    }
+    g.hidden.retain(|_, n| *n > 0);
     let matching: Vec<Value> = all
         .iter()
         .map(|l| f.view(l))
@@ -510,6 +521,10 @@ async fn create(State(f): State<Fake>, headers: HeaderMap, Json(body): Json<Valu
     }
     if g.faults.create_lost_response > 0 {
         g.faults.create_lost_response -= 1;
+        let hide = g.faults.lost_hidden_from_lists;
+        if hide > 0 {
+            g.hidden.insert(l.id, hide);
+        }
         return cut_off(f.view(&l));
     }
     Json(f.view(&l)).into_response()
