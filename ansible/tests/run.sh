@@ -11,7 +11,12 @@
 #     reuse the running named (same pid) and restore the zone;
 #  2. dnslb role into a prefix (no service): files, modes, token, `dnslb --check`,
 #     `systemd-analyze verify` of the unit when available; a second run reports changed=0;
-#     a missing token is refused.
+#     a missing token is refused;
+#  3. the load-balancer play goes one host at a time and waits for each to be healthy: four
+#     hosts, each pointed at a real dnslb started here: one fronting a real named (healthy:
+#     /healthz 200, NOERROR), one fresh without backends (healthy: 503 with no backends,
+#     SERVFAIL), one whose only backend is down (not healthy: the play fails on it after
+#     dnslb_health_wait_s), and a fourth that must never be touched.
 #
 # Needs ansible-playbook, named, named-checkconf, named-checkzone, dig, python3. Independent of
 # the caller's ansible.cfg/~/.ansible: everything goes to a temp dir that is removed on exit,
@@ -41,7 +46,10 @@ prefix=$work/dnslb
 
 cleanup() {
     local rc=$? pidfile pid
-    for pidfile in "$ns_root/named.pid" "$ns_renamed/named.pid"; do
+    if [ -s "$work/dnslb.pids" ]; then
+        while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$work/dnslb.pids"
+    fi
+    for pidfile in "$ns_root/named.pid" "$ns_renamed/named.pid" "$work/ns/t2/named.pid"; do
         if [ -s "$pidfile" ]; then
             pid=$(cat "$pidfile")
             if kill "$pid" 2>/dev/null; then
@@ -285,3 +293,94 @@ fi
 grep -q 'dnslb_admin_token is required' "$work/lb-3.log" || { cat "$work/lb-3.log" >&2; die "no clear message for a missing token"; }
 [ "$(cat "$tokf")" = "$token" ] || die "the failed run changed the token file"
 ok "a missing dnslb_admin_token is refused with a clear message"
+
+# ---------------------------------------------------------------------------------------------
+step "3. load balancer play: one host at a time, each healthy before the next"
+# A nameserver for the healthy load balancer to front.
+port=$(free_port)
+ns_inventory "$work/ns/t2" >"$work/ns-t2.json"
+play ns-4 "$work/ns-t2.json" t1
+wait_serial "$port" "$serial"
+ns2_port=$port
+
+# start_dnslb NAME BACKEND_ADDR|"": a real dnslb on free ports; prints "DNS_PORT ADMIN_PORT".
+start_dnslb() {
+    local name=$1 backend=$2 dir=$work/lbrun/$1 dport aport
+    dport=$(free_port)
+    aport=$(free_port)
+    mkdir -p "$dir"
+    printf '%s\n' "token-$name" >"$dir/admin.token"
+    chmod 600 "$dir/admin.token"
+    cat >"$dir/dnslb.toml" <<EOF
+[listen]
+dns = ["127.0.0.1:$dport"]
+admin = "127.0.0.1:$aport"
+[admin]
+token_file = "$dir/admin.token"
+[state]
+path = "$dir/state.json"
+[health]
+query_name = "example.test."
+interval_ms = 200
+timeout_ms = 200
+EOF
+    if [ -n "$backend" ]; then
+        printf '[[backend]]\nname = "ns"\naddress = "%s"\n' "$backend" >>"$dir/dnslb.toml"
+    fi
+    "$dnslb_src" --config "$dir/dnslb.toml" >"$dir/log" 2>&1 &
+    echo $! >>"$work/dnslb.pids"
+    echo "$dport $aport"
+}
+read -r a_dns a_admin < <(start_dnslb lbA "127.0.0.1:$ns2_port")
+read -r b_dns b_admin < <(start_dnslb lbB "")
+read -r c_dns c_admin < <(start_dnslb lbC "127.0.0.1:$(free_port)")
+
+python3 - "$work/lbs" "$dnslb_src" "$a_dns" "$a_admin" "$b_dns" "$b_admin" "$c_dns" "$c_admin" \
+    >"$work/lbs.json" <<'EOF'
+import json, sys
+root, binary = sys.argv[1], sys.argv[2]
+ports = {"lbA": sys.argv[3:5], "lbB": sys.argv[5:7], "lbC": sys.argv[7:9], "lbD": sys.argv[3:5]}
+token = {"lbA": "token-lbA", "lbB": "token-lbB", "lbC": "token-lbC", "lbD": "token-lbA"}
+hosts = {}
+for name in ["lbA", "lbB", "lbC", "lbD"]:
+    dns, admin = ports[name]
+    hosts[name] = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "common_local": True,
+        "dnslb_prefix": root + "/" + name,
+        "dnslb_manage_service": False,
+        "dnslb_wait_healthy": True,
+        "dnslb_health_wait_s": 3 if name == "lbC" else 15,
+        "dnslb_binary_src": binary,
+        "dnslb_admin_token": token[name],
+        "dnslb_listen_dns": ["127.0.0.1:" + dns],
+        "dnslb_admin_listen": "127.0.0.1:" + admin,
+    }
+print(json.dumps({"nameservers": {"hosts": {}}, "load_balancers": {"hosts": hosts}}, indent=1))
+EOF
+log=$work/lbs-1.log
+if ansible-playbook -i "$work/lbs.json" "$ansible_dir/playbook.yml" --limit load_balancers \
+    >"$log" 2>&1; then
+    cat "$log" >&2
+    die "the load-balancer play succeeded although lbC never becomes healthy"
+fi
+grep -qF 'dnslb not healthy after 3s: /healthz is 503: none of its 1 backend(s) is up' "$log" \
+    || { cat "$log" >&2; die "no clear message for the unhealthy lbC"; }
+grep -Eq '^lbA +:.* failed=0' "$log" && grep -Eq '^lbB +:.* failed=0' "$log" \
+    && grep -Eq '^lbC +:.* failed=1' "$log" || { cat "$log" >&2; die "unexpected recap"; }
+ok "lbA (200, NOERROR) and lbB (no backends yet: 503, SERVFAIL) healthy; lbC (backend down) failed"
+[ "$(grep -c '^PLAY \[Load balancers' "$log")" = 3 ] \
+    || { cat "$log" >&2; die "expected three one-host batches (serial: 1)"; }
+# Every line about lbA comes before the first about lbB, and lbB's before lbC's.
+last_a=$(grep -n '\[lbA\]' "$log" | tail -n 1 | cut -d: -f1)
+first_b=$(grep -n '\[lbB\]' "$log" | head -n 1 | cut -d: -f1)
+last_b=$(grep -n '\[lbB\]' "$log" | tail -n 1 | cut -d: -f1)
+first_c=$(grep -n '\[lbC\]' "$log" | head -n 1 | cut -d: -f1)
+[ "$last_a" -lt "$first_b" ] && [ "$last_b" -lt "$first_c" ] \
+    || { cat "$log" >&2; die "hosts were not handled one after the other"; }
+if grep -q '\[lbD\]' "$log" || [ -e "$work/lbs/lbD" ]; then
+    cat "$log" >&2
+    die "lbD was touched after lbC failed"
+fi
+ok "one host at a time (three batches), each healthy before the next; the play stopped at lbC, lbD untouched"

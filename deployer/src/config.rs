@@ -133,6 +133,11 @@ pub struct Ansible {
     /// The ansible-playbook command.
     #[serde(default = "default_ansible_playbook")]
     pub command: String,
+    /// Seconds one ansible-playbook run may take before it is killed (with its
+    /// process group) and the step fails: a host that hangs (an SSH connection that
+    /// never completes, an apt lock) must not stall a rollout forever.
+    #[serde(default = "default_ansible_timeout")]
+    pub timeout_s: u64,
 }
 
 impl Default for Ansible {
@@ -149,6 +154,9 @@ fn default_zones_dir() -> PathBuf {
 }
 fn default_ansible_playbook() -> String {
     "ansible-playbook".into()
+}
+fn default_ansible_timeout() -> u64 {
+    1800
 }
 
 /// One `[[nameserver]]`.
@@ -379,6 +387,9 @@ impl Config {
                 self.ansible.playbook.display()
             ));
         }
+        if self.ansible.timeout_s == 0 {
+            p.push("ansible.timeout_s must be > 0".into());
+        }
         match self.zone_files_in_dir() {
             Ok(z) if z.is_empty() => p.push(format!(
                 "ansible.zones_dir {} holds no <zone>.zone file",
@@ -551,5 +562,21 @@ mod tests {
         }
         let err = Config::parse("[provider]\nkind = \"local\"\nbogus = 1\n", &b).unwrap_err();
         assert!(err[0].contains("bogus"), "{err:?}");
+    }
+
+    #[test]
+    fn ansible_timeout_defaults_to_half_an_hour_and_must_be_positive() {
+        let (_d, b) = base();
+        let ns = "[[nameserver]]\nname = \"ns1\"\n";
+        let c = Config::parse(ns, &b).unwrap();
+        assert_eq!(c.ansible.timeout_s, 1800);
+        let c = Config::parse(&format!("[ansible]\ntimeout_s = 5\n{ns}"), &b).unwrap();
+        assert_eq!(c.ansible.timeout_s, 5);
+        let err = Config::parse(&format!("[ansible]\ntimeout_s = 0\n{ns}"), &b).unwrap_err();
+        assert!(
+            err.iter()
+                .any(|e| e.contains("ansible.timeout_s must be > 0")),
+            "{err:?}"
+        );
     }
 }

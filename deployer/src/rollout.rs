@@ -83,13 +83,6 @@ pub struct Deployer<P: Provider> {
     dir: PathBuf,
 }
 
-/// Does `inst` carry the tag of rollout `id` (either provider's spelling)?
-fn created_by(inst: &Instance, id: &str) -> bool {
-    inst.tags
-        .iter()
-        .any(|t| t == &format!("dnslb-rollout-{id}") || t == &format!("rollout:{id}"))
-}
-
 fn next_label(ns: &str) -> String {
     format!("{ns}-next")
 }
@@ -262,6 +255,7 @@ impl<P: Provider> Deployer<P> {
             &self.cfg.ansible.playbook,
             &self.dir.join("runs").join(run),
             &hosts,
+            Duration::from_secs(self.cfg.ansible.timeout_s),
         )
         .await?;
         Ok(format!(
@@ -794,12 +788,12 @@ impl<P: Provider> Deployer<P> {
             match self.provider.find(&next_label(&ns.name)).await {
                 Ok(Some(i)) if j.old.values().any(|o| o.id == i.id) => {}
                 Ok(Some(i)) if doomed.contains_key(&i.id) => {}
-                Ok(Some(i)) if created_by(&i, &j.id) => {
+                Ok(Some(i)) if i.created_by(&j.id) => {
                     doomed.insert(i.id.clone(), i);
                 }
                 Ok(Some(i)) => summary.push(format!(
-                    "left {} ({}) alone: this rollout did not create it",
-                    i.label, i.id
+                    "left {} ({}) alone: rollout {} did not create it",
+                    i.label, i.id, j.id
                 )),
                 Ok(None) => {}
                 Err(e) => failures.push(e.to_string()),
@@ -1263,6 +1257,7 @@ mod tests {
             private_ipv4: None,
             dns_port: port,
             tags: Vec::new(),
+            ..Instance::default()
         }
     }
 

@@ -32,12 +32,30 @@ impl Setup {
         lb_backends: &[(&str, std::net::SocketAddr)],
         boot_timeout_s: u64,
     ) -> Setup {
+        Setup::with_step(
+            net,
+            ssh,
+            lb_backends,
+            boot_timeout_s,
+            Duration::from_millis(300),
+        )
+    }
+
+    /// `step`: how long an instance of the fake stays in each of provisioning and
+    /// booting.
+    fn with_step(
+        net: u8,
+        ssh: bool,
+        lb_backends: &[(&str, std::net::SocketAddr)],
+        boot_timeout_s: u64,
+        step: Duration,
+    ) -> Setup {
         let lb = Dnslb::start(&lb_config(lb_backends, ""));
         let api = fake_linode::start(
             Ipv4Addr::new(127, net, 0, 0),
             ssh,
             common::free_port(),
-            Duration::from_millis(300),
+            step,
         );
         let dir = tempfile::tempdir().unwrap();
         let s = Setup {
@@ -51,6 +69,17 @@ impl Setup {
     }
 
     fn write_config(&self, boot_timeout_s: u64, region: &str) {
+        self.write_config_with(boot_timeout_s, region, "linode/debian12", "");
+    }
+
+    /// `ansible_extra` goes into `[ansible]`.
+    fn write_config_with(
+        &self,
+        boot_timeout_s: u64,
+        region: &str,
+        image: &str,
+        ansible_extra: &str,
+    ) {
         let r = repo();
         let text = format!(
             r#"[provider]
@@ -59,7 +88,7 @@ state_dir = "{state}"
 api_url = "{api}"
 token_env = "LINODE_TOKEN"
 type = "g6-nanode-1"
-image = "linode/debian12"
+image = "{image}"
 authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDeployerTestKeyOnly deployer@test"]
 boot_timeout_s = {boot_timeout_s}
 ssh_port = {ssh}
@@ -69,6 +98,7 @@ provision_local = true
 [ansible]
 playbook = "{r}/ansible/playbook.yml"
 zones_dir = "{r}/ansible/zones"
+{ansible_extra}
 [[nameserver]]
 name = "ns1"
 region = "{region}"
@@ -378,4 +408,335 @@ fn token_and_api_errors_are_reported_clearly() {
         "{err}"
     );
     assert!(s.labels().is_empty());
+}
+
+// ---------------------------------------------------------------------------------
+// Create is safe to retry (issue 14, item 6): every fault path of the API, each
+// through the real binary.
+
+impl Setup {
+    fn creates_of(&self, label: &str) -> usize {
+        self.api
+            .fake
+            .requests_to("POST", "/linode/instances")
+            .iter()
+            .filter(|b| b["label"] == label)
+            .count()
+    }
+
+    /// How many instances the fake has made so far (hand-made ones included).
+    fn made(&self) -> u64 {
+        self.api.fake.inner.lock().unwrap().next_id
+    }
+
+    fn id_of(&self, label: &str) -> u64 {
+        self.api
+            .fake
+            .linodes()
+            .iter()
+            .find(|l| l.label == label)
+            .unwrap_or_else(|| panic!("no {label}"))
+            .id
+    }
+
+    fn members(&self) -> (Value, Vec<(Value, Value)>) {
+        let v = self.lb_set();
+        (
+            v["generation"].clone(),
+            v["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| (b["name"].clone(), b["address"].clone()))
+                .collect(),
+        )
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_create_whose_outcome_is_unknown_is_looked_up_before_it_is_sent_again() {
+    let s = Setup::new(66, true, &[], 30);
+    s.ok(&["bootstrap"]);
+    let made_before = s.made();
+    // ns1-next: a 500 before anything is made, then a 500 after the instance was
+    // made; ns2-next: made, but the answer is cut off half-way, and the next listing
+    // does not show it yet.
+    s.api.fake.faults(|f| {
+        f.create_500_before = 1;
+        f.create_500_after = 1;
+        f.create_lost_response = 1;
+        f.lost_hidden_from_lists = 1;
+    });
+    let out = s.run(&["rollout"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("500 Internal Server Error: Internal Server Error; it may have been created"),
+        "{err}"
+    );
+    // The cut-off answer: whether hyper gets the status line out before it closes
+    // the connection or not, the client cannot tell whether the POST took effect.
+    assert!(
+        err.lines()
+            .any(|l| l.contains("it may have been created; looking ns2-next up again")),
+        "{err}"
+    );
+    assert!(err.contains("looking ns1-next up again"), "{err}");
+    assert!(
+        err.contains("reusing ns1-next") && err.contains("reusing ns2-next"),
+        "{err}"
+    );
+    // The POST that made nothing was sent again; the one answered 500 after it made
+    // the instance was not: that instance was found and used. The lost one was sent
+    // again because the lagging listing did not show it; Linode refused the label,
+    // and the next lookup found the instance.
+    assert_eq!(s.creates_of("ns1-next"), 2);
+    assert_eq!(s.creates_of("ns2-next"), 2);
+    assert!(err.contains("label: Label must be unique"), "{err}");
+    assert_eq!(s.made() - made_before, 2, "no duplicate was ever made");
+    assert_eq!(s.labels(), ["ns1", "ns2"]);
+    support::assert_answers_through(s.lb.dns);
+}
+
+#[test]
+fn creates_wait_out_429_and_instances_that_stay_offline_are_booted() {
+    // Provisioning lasts long enough to be seen by the first poll even on a busy
+    // machine.
+    let s = Setup::with_step(67, true, &[], 30, Duration::from_millis(1500));
+    s.ok(&["bootstrap"]);
+    s.api.fake.faults(|f| {
+        f.create_429 = 2;
+        f.offline_after_provisioning = true;
+    });
+    let out = s.run(&["rollout"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("linode POST /linode/instances: 429"), "{err}");
+    // A 429 was not processed, so the same POST goes again, after Retry-After (1 s).
+    let times = s.api.fake.create_times("ns1-next");
+    assert_eq!(times.len(), 3, "two refused, one made");
+    for w in times.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(950),
+            "Retry-After not honoured: {:?}",
+            w[1] - w[0]
+        );
+    }
+    assert_eq!(s.creates_of("ns2-next"), 1);
+    assert_eq!(s.labels(), ["ns1", "ns2"]);
+    // Each new instance came up offline and was booted exactly once, per the docs'
+    // POST /linode/instances/{id}/boot; provisioning and booting were waited through.
+    for l in s.api.fake.linodes() {
+        let boots = s
+            .api
+            .fake
+            .requests_to("POST", &format!("/linode/instances/{}/boot", l.id))
+            .len();
+        assert_eq!(boots, 1, "{}", l.label);
+        let seen = s.api.fake.statuses_served(l.id);
+        assert!(
+            seen.ends_with(&["offline".into(), "booting".into(), "running".into()]),
+            "{}: {seen:?}",
+            l.label
+        );
+    }
+    let first = s
+        .api
+        .fake
+        .linodes()
+        .into_iter()
+        .min_by_key(|l| l.id)
+        .unwrap();
+    assert_eq!(
+        s.api.fake.statuses_served(first.id),
+        ["provisioning", "offline", "booting", "running"]
+    );
+    assert!(err.contains("is offline, booting it"), "{err}");
+    support::assert_answers_through(s.lb.dns);
+}
+
+#[test]
+fn a_token_without_linodes_read_write_is_refused_clearly_and_not_retried() {
+    let s = Setup::new(68, true, &[], 30);
+    s.api
+        .fake
+        .faults(|f| f.scope = fake_linode::Scope::ReadOnly);
+    // Reading works; the first write is refused, once, and nothing is left behind.
+    s.ok(&["status"]);
+    let out = s.run(&["bootstrap"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("linode POST /linode/instances: 403 Forbidden: Unauthorized")
+            && err.contains("lacks the Linodes read/write scope"),
+        "{err}"
+    );
+    assert_eq!(s.creates_of("ns1"), 1, "a 403 is not retried");
+    assert!(s.labels().is_empty());
+    // No Linodes scope at all: even reading is refused, once.
+    s.api.fake.faults(|f| f.scope = fake_linode::Scope::None);
+    let gets = s.api.fake.requests_to("GET", "/linode/instances").len();
+    let out = s.run(&["status"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("linode GET /linode/instances: 403 Forbidden")
+            && err.contains("lacks the Linodes read/write scope"),
+        "{err}"
+    );
+    assert_eq!(
+        s.api.fake.requests_to("GET", "/linode/instances").len(),
+        gets + 1
+    );
+}
+
+#[test]
+fn a_next_instance_this_rollout_did_not_create_is_refused_and_left_alone() {
+    let s = Setup::new(69, true, &[], 30);
+    s.ok(&["bootstrap"]);
+    let before = s.members();
+    // A leftover of another run, built with other settings.
+    let stray = s.api.fake.add_made(
+        "ns2-next",
+        "us-east",
+        "g6-standard-2",
+        "linode/debian11",
+        &["dnslb-deployer", "dnslb-rollout-r1700000000-0000"],
+    );
+    let out = s.run(&["rollout"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    for needle in [
+        &format!("a Linode labelled ns2-next already exists ({})", stray.id)[..],
+        "lacks the tag dnslb-rollout-r",
+        "another run created it",
+        "region us-east (wanted us-west)",
+        "type g6-standard-2 (wanted g6-nanode-1)",
+        "image linode/debian11 (wanted linode/debian12)",
+        "left untouched",
+        "rolled back",
+    ] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert_eq!(s.creates_of("ns2-next"), 0, "never POSTed over it");
+    // ns1-next, which this rollout made, is gone again; the stray one is not.
+    assert_eq!(s.labels(), ["ns1", "ns2", "ns2-next"]);
+    assert_eq!(s.id_of("ns2-next"), stray.id);
+    assert_eq!(s.members(), before, "load balancer untouched");
+
+    // Hand-made (no deployer tag) with exactly the configured settings: still not
+    // adopted.
+    {
+        let mut g = s.api.fake.inner.lock().unwrap();
+        let l = g.linodes.get_mut(&stray.id).unwrap();
+        l.region = "us-west".into();
+        l.ty = "g6-nanode-1".into();
+        l.image = Some("linode/debian12".into());
+        l.tags = vec!["web".into()];
+    }
+    let out = s.run(&["rollout"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("lacks the tag dnslb-deployer (the deployer did not create it)"),
+        "{err}"
+    );
+    assert!(!err.contains("wanted"), "only the tag differs: {err}");
+    assert_eq!(s.labels(), ["ns1", "ns2", "ns2-next"]);
+    assert_eq!(s.id_of("ns2-next"), stray.id);
+    assert_eq!(s.members(), before);
+}
+
+#[test]
+fn a_resumed_rollout_does_not_adopt_a_next_built_from_another_image() {
+    let s = Setup::new(70, true, &[], 30);
+    s.ok(&["bootstrap"]);
+    let mut child = s
+        .cmd(&["rollout"])
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed while it waits for its new instances to boot (step 1).
+    let t0 = std::time::Instant::now();
+    while s.labels().len() < 4 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", s.labels());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let posts = s.api.fake.requests_to("POST", "/linode/instances").len();
+    // The image changes before the rollout is resumed: the instances it made from
+    // the old image must not be used.
+    s.write_config_with(30, "us-west", "linode/debian13", "");
+    let out = s.run(&["rollout"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("a Linode labelled ns1-next already exists")
+            && err.contains("image linode/debian12 (wanted linode/debian13)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("lacks the tag"),
+        "it is this rollout's: {err}"
+    );
+    assert_eq!(
+        s.api.fake.requests_to("POST", "/linode/instances").len(),
+        posts,
+        "nothing new was created"
+    );
+    // They were this rollout's own: the rollback deletes them.
+    assert!(err.contains("rolled back"), "{err}");
+    assert_eq!(s.labels(), ["ns1", "ns2"]);
+}
+
+#[test]
+fn provisioning_that_hangs_is_killed_after_timeout_s_and_rolled_back() {
+    let s = Setup::new(71, true, &[], 30);
+    let script = s.dir.path().join("hanging-ansible-playbook");
+    let pid_file = s.dir.path().join("hanging.pid");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho PLAY [Nameservers]\nsleep 120 &\necho $! > {}\nwait\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    s.write_config_with(
+        30,
+        "us-west",
+        "linode/debian12",
+        &format!("command = \"{}\"\ntimeout_s = 1", script.display()),
+    );
+    let t0 = std::time::Instant::now();
+    let out = s.run(&["bootstrap"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("ansible-playbook did not finish within 1s ([ansible] timeout_s)")
+            && err.contains("PLAY [Nameservers]"),
+        "{err}"
+    );
+    assert!(err.contains("rolled back"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert!(s.labels().is_empty(), "{:?}", s.labels());
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let gone = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .map(|st| st.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+            .unwrap_or(true)
+    };
+    let t = std::time::Instant::now();
+    while !gone(&pid) && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(gone(&pid), "a process the playbook started survived");
 }

@@ -2,15 +2,23 @@
 //!
 //! - create: `POST /linode/instances` with label, region, type, image, a random
 //!   root_pass (never logged or stored), authorized_keys, `private_ip: true` and tags
-//!   marking the instance as the deployer's and naming the rollout;
+//!   marking the instance as the deployer's and naming the rollout. Safe to retry:
+//!   each attempt first looks the label up; an existing instance is reused only when
+//!   it carries this run's tag and matches region, type and image, and is otherwise
+//!   refused ([`ProviderError::Conflict`]) and left alone. The POST itself is never
+//!   repeated blindly: after a 5xx, a cut-off answer or a transport error the label
+//!   is looked up again before another POST;
 //! - ready: poll `GET /linode/instances/{id}` until `running` within
-//!   `boot_timeout_s`, read `GET /linode/instances/{id}/ips`, then wait until SSH
-//!   answers with its banner;
+//!   `boot_timeout_s`, waiting through `provisioning`/`booting`, and booting an
+//!   `offline` one (`POST /linode/instances/{id}/boot`); read
+//!   `GET /linode/instances/{id}/ips`, then wait until SSH answers with its banner;
 //! - rename: `PUT /linode/instances/{id}`; delete: `DELETE /linode/instances/{id}`;
 //! - find: `GET /linode/instances` with `X-Filter` (label, tags), following pages.
 //!
-//! 429 is retried after `Retry-After`, 5xx and transport errors with exponential
-//! backoff; other errors surface Linode's `reason` and `field`. The token comes from
+//! 429 is retried after `Retry-After` (any call: Linode did not process it); 5xx and
+//! transport errors of the other, repeatable calls with exponential backoff; other
+//! errors surface Linode's `reason` and `field`, and a 403 says the token lacks the
+//! Linodes read/write scope. The token comes from
 //! the environment variable named by `token_env` and never appears in logs or errors.
 
 use std::collections::BTreeMap;
@@ -22,7 +30,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 use tokio::io::AsyncReadExt;
 
-use super::{Instance, Provider, ProviderError, MANAGED_TAG};
+use super::{rollout_tag, Instance, Provider, ProviderError, MANAGED_TAG};
 use crate::config::{LoadBalancer, Provider as ProviderConfig};
 
 /// A Linode API client plus the settings for new instances.
@@ -44,6 +52,46 @@ impl std::fmt::Debug for Linode {
 }
 
 const MAX_ATTEMPTS: u32 = 8;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+/// How one HTTP exchange ended, when it gave no answer to use.
+enum Failure {
+    /// 429: refused unprocessed; try again after this long (zero: no `Retry-After`).
+    Throttled(Duration, String),
+    /// A transport error, a cut-off answer or a 5xx: the request may or may not have
+    /// taken effect.
+    Unknown(String),
+    /// A definite answer that retrying cannot change (4xx).
+    Refused(Refusal),
+}
+
+/// A 4xx answer: its status, Linode's `{"errors": …}` body, and the message to show.
+struct Refusal {
+    status: StatusCode,
+    body: Value,
+    msg: String,
+}
+
+impl Refusal {
+    /// Does Linode name `field` with a reason containing `reason`?
+    fn says(&self, field: &str, reason: &str) -> bool {
+        self.body["errors"].as_array().is_some_and(|errs| {
+            errs.iter().any(|e| {
+                e["field"] == field && e["reason"].as_str().is_some_and(|r| r.contains(reason))
+            })
+        })
+    }
+}
+
+impl From<Failure> for ProviderError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Throttled(_, msg) | Failure::Unknown(msg) => ProviderError::Api(msg),
+            Failure::Refused(r) => ProviderError::Api(r.msg),
+        }
+    }
+}
 
 impl Linode {
     /// Reads the token from the environment variable `cfg.token_env`.
@@ -68,7 +116,82 @@ impl Linode {
         })
     }
 
-    /// One API call with retries. `filter` becomes the `X-Filter` header.
+    /// One HTTP exchange, no retry. `filter` becomes the `X-Filter` header. A 404 is
+    /// an answer: the caller decides what "gone" means.
+    async fn exchange(
+        &self,
+        method: &Method,
+        path: &str,
+        query: &[(&str, String)],
+        filter: Option<&Value>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), Failure> {
+        let what = format!("{method} {path}");
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.api))
+            .bearer_auth(&self.token)
+            .query(query);
+        if let Some(f) = filter {
+            req = req.header("X-Filter", f.to_string());
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::Unknown(format!("linode {what}: {}", e.without_url())))?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        // An answer cut off half-way is lost, not empty.
+        let text = resp.text().await.map_err(|e| {
+            Failure::Unknown(format!(
+                "linode {what}: {status}, but the answer was cut off: {}",
+                e.without_url()
+            ))
+        })?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry_after.unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER);
+            return Err(Failure::Throttled(wait, format!("linode {what}: 429")));
+        }
+        if status.is_server_error() {
+            return Err(Failure::Unknown(format!(
+                "linode {what}: {status}: {}",
+                reasons(&value)
+            )));
+        }
+        if status.is_success() && value.is_null() {
+            return Err(Failure::Unknown(format!(
+                "linode {what}: {status} with an unreadable answer"
+            )));
+        }
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            return Ok((status, value));
+        }
+        let mut msg = format!("linode {what}: {status}: {}", reasons(&value));
+        if status == StatusCode::FORBIDDEN {
+            msg.push_str(&format!(
+                " (the token in {} lacks the Linodes read/write scope, linodes:read_write, or access to this Linode; not retried)",
+                self.cfg.token_env
+            ));
+        }
+        Err(Failure::Refused(Refusal {
+            status,
+            body: value,
+            msg,
+        }))
+    }
+
+    /// An API call that may safely be repeated (GET, PUT of a label, DELETE, boot),
+    /// retried: 429 after `Retry-After`, 5xx and transport errors with exponential
+    /// backoff, at most [`MAX_ATTEMPTS`] attempts.
     async fn call(
         &self,
         method: Method,
@@ -77,66 +200,120 @@ impl Linode {
         filter: Option<&Value>,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), ProviderError> {
-        let what = format!("{method} {path}");
+        Ok(self.retrying(method, path, query, filter, body).await?)
+    }
+
+    /// [`Linode::call`], keeping a 4xx answer as it came for the caller to judge.
+    async fn retrying(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        filter: Option<&Value>,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), Failure> {
         let mut backoff = Duration::from_millis(250);
-        for attempt in 1..=MAX_ATTEMPTS {
-            let mut req = self
-                .http
-                .request(method.clone(), format!("{}{path}", self.api))
-                .bearer_auth(&self.token)
-                .query(query);
-            if let Some(f) = filter {
-                req = req.header("X-Filter", f.to_string());
-            }
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if attempt < MAX_ATTEMPTS => {
-                    eprintln!("deployer: linode {what}: {} (retrying)", e.without_url());
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-                Err(e) => {
-                    return Err(ProviderError::Api(format!(
-                        "linode {what}: {}",
-                        e.without_url()
-                    )))
-                }
+        for attempt in 1.. {
+            let (wait, msg) = match self.exchange(&method, path, query, filter, body).await {
+                Ok(answer) => return Ok(answer),
+                Err(Failure::Refused(r)) => return Err(Failure::Refused(r)),
+                Err(Failure::Throttled(wait, msg)) if !wait.is_zero() => (wait, msg),
+                Err(Failure::Throttled(_, msg) | Failure::Unknown(msg)) => (backoff, msg),
             };
-            let status = resp.status();
-            if status == StatusCode::TOO_MANY_REQUESTS && attempt < MAX_ATTEMPTS {
-                let wait = resp
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs)
-                    .unwrap_or(backoff)
-                    .min(Duration::from_secs(120));
-                eprintln!("deployer: linode {what}: 429, retrying after {wait:?}");
-                tokio::time::sleep(wait).await;
-                continue;
+            if attempt >= MAX_ATTEMPTS {
+                return Err(Failure::Unknown(format!(
+                    "{msg} (gave up after {MAX_ATTEMPTS} attempts)"
+                )));
             }
-            if status.is_server_error() && attempt < MAX_ATTEMPTS {
-                eprintln!("deployer: linode {what}: {status} (retrying)");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-            let text = resp.text().await.unwrap_or_default();
-            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if status.is_success() || status == StatusCode::NOT_FOUND {
-                return Ok((status, value));
-            }
-            return Err(ProviderError::Api(format!(
-                "linode {what}: {status}: {}",
-                reasons(&value)
-            )));
+            eprintln!("deployer: {msg}, retrying after {wait:?}");
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        unreachable!("the last attempt returns")
+        unreachable!("the loop returns")
+    }
+
+    /// Why the existing instance `inst` may not be reused by `create` for run
+    /// `rollout` in `region`; empty when it may.
+    fn differences(&self, inst: &Instance, region: &str, rollout: &str) -> Vec<String> {
+        let mut d = Vec::new();
+        if !inst.managed() {
+            d.push(format!(
+                "it lacks the tag {MANAGED_TAG} (the deployer did not create it)"
+            ));
+        } else if !inst.created_by(rollout) {
+            d.push(format!(
+                "it lacks the tag {} (another run created it; its tags are {:?})",
+                rollout_tag(rollout),
+                inst.tags
+            ));
+        }
+        if inst.region != region {
+            d.push(format!("region {} (wanted {region})", inst.region));
+        }
+        let show = |v: Option<&str>| v.unwrap_or("none").to_string();
+        let (want_type, want_image) =
+            (self.cfg.instance_type.as_deref(), self.cfg.image.as_deref());
+        if inst.instance_type.as_deref() != want_type {
+            d.push(format!(
+                "type {} (wanted {})",
+                show(inst.instance_type.as_deref()),
+                show(want_type)
+            ));
+        }
+        if inst.image.as_deref() != want_image {
+            d.push(format!(
+                "image {} (wanted {})",
+                show(inst.image.as_deref()),
+                show(want_image)
+            ));
+        }
+        d
+    }
+
+    /// The existing instance, if `create` may reuse it; otherwise a
+    /// [`ProviderError::Conflict`] naming every difference.
+    fn reuse(
+        &self,
+        inst: Instance,
+        region: &str,
+        rollout: &str,
+    ) -> Result<Instance, ProviderError> {
+        let d = self.differences(&inst, region, rollout);
+        if d.is_empty() {
+            eprintln!(
+                "deployer: linode: reusing {} ({}), created by this run",
+                inst.label, inst.id
+            );
+            return Ok(inst);
+        }
+        Err(ProviderError::Conflict(format!(
+            "a Linode labelled {} already exists ({}) and cannot be used for {}: {}; it was left untouched: delete or rename it if it is not needed, then run again",
+            inst.label,
+            inst.id,
+            rollout_tag(rollout),
+            d.join("; ")
+        )))
+    }
+
+    /// `POST /linode/instances/{id}/boot` for an instance that is offline. A 400 or
+    /// 409 (it may have begun booting meanwhile) is logged and the wait goes on; any
+    /// other error (a token without the scope, the instance gone) ends it.
+    async fn boot(&self, inst: &Instance) -> Result<(), ProviderError> {
+        eprintln!(
+            "deployer: linode: {} ({}) is offline, booting it",
+            inst.label, inst.id
+        );
+        let path = format!("/linode/instances/{}/boot", inst.id);
+        match self.retrying(Method::POST, &path, &[], None, None).await {
+            Ok(_) => Ok(()),
+            Err(Failure::Refused(r))
+                if matches!(r.status, StatusCode::BAD_REQUEST | StatusCode::CONFLICT) =>
+            {
+                eprintln!("deployer: {} (still waiting)", r.msg);
+                Ok(())
+            }
+            Err(f) => Err(f.into()),
+        }
     }
 
     /// Every page of a filtered listing.
@@ -230,6 +407,8 @@ fn to_instance(v: &Value, dns_port: u16) -> Option<Instance> {
                     .collect()
             })
             .unwrap_or_default(),
+        instance_type: v["type"].as_str().map(String::from),
+        image: v["image"].as_str().map(String::from),
     })
 }
 
@@ -319,10 +498,6 @@ impl Provider for Linode {
         region: &str,
         rollout: &str,
     ) -> Result<Instance, ProviderError> {
-        // A retried or resumed rollout finds what it created before: never a duplicate.
-        if let Some(existing) = self.find(label).await? {
-            return Ok(existing);
-        }
         let body = json!({
             "label": label,
             "region": region,
@@ -332,32 +507,57 @@ impl Provider for Linode {
             "authorized_keys": self.cfg.authorized_keys,
             "private_ip": true,
             "booted": true,
-            "tags": [MANAGED_TAG, format!("dnslb-rollout-{rollout}")],
+            "tags": [MANAGED_TAG, rollout_tag(rollout)],
         });
-        let v = match self
-            .call(Method::POST, "/linode/instances", &[], None, Some(&body))
-            .await
-        {
-            Ok((_, v)) => v,
-            Err(e) => {
-                // A retried POST whose first attempt did create the instance answers
-                // "label must be unique": reuse what exists rather than fail.
-                if let Some(existing) = self.find(label).await? {
-                    return Ok(existing);
-                }
-                return Err(e);
+        // POST is not idempotent: it is never repeated blindly. Every attempt first
+        // looks the label up, so a POST that took effect although its answer was lost
+        // (a 5xx, a cut-off answer, a transport error) is found, not duplicated, and
+        // only an instance this run created, with these settings, is reused.
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1.. {
+            if let Some(existing) = self.find(label).await? {
+                return self.reuse(existing, region, rollout);
             }
-        };
-        to_instance(&v, self.cfg.dns_port).ok_or_else(|| {
-            ProviderError::Api(format!(
-                "linode POST /linode/instances: unexpected answer {v}"
-            ))
-        })
+            let (wait, msg) = match self
+                .exchange(&Method::POST, "/linode/instances", &[], None, Some(&body))
+                .await
+            {
+                Ok((_, v)) => {
+                    return to_instance(&v, self.cfg.dns_port).ok_or_else(|| {
+                        ProviderError::Api(format!(
+                            "linode POST /linode/instances: unexpected answer {v}"
+                        ))
+                    })
+                }
+                // Linode refused it unprocessed: the same POST may go again.
+                Err(Failure::Throttled(wait, msg)) => {
+                    (if wait.is_zero() { backoff } else { wait }, msg)
+                }
+                Err(Failure::Unknown(msg)) => (backoff, format!("{msg}; it may have been created")),
+                // Created meanwhile by someone else (or by a lost earlier attempt):
+                // the next lookup decides whether it may be reused.
+                Err(Failure::Refused(r)) if r.says("label", "unique") => (Duration::ZERO, r.msg),
+                Err(f @ Failure::Refused(_)) => return Err(f.into()),
+            };
+            if attempt >= MAX_ATTEMPTS {
+                return Err(ProviderError::Api(format!(
+                    "{msg} (gave up creating {label} after {MAX_ATTEMPTS} attempts)"
+                )));
+            }
+            eprintln!("deployer: {msg}; looking {label} up again after {wait:?}");
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        unreachable!("the loop returns")
     }
 
     async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
         let deadline = Instant::now() + Duration::from_secs(self.cfg.boot_timeout_s);
         let poll = Duration::from_millis(self.cfg.poll_interval_ms);
+        // An offline instance is booted, and booted again if it is still offline a
+        // while later (Linode may take a moment to start the boot job).
+        let reboot_after = Duration::from_secs(10).max(poll * 5);
+        let mut booted_at: Option<Instant> = None;
         let mut cur = loop {
             let Some(cur) = self.get(&inst.id).await? else {
                 return Err(ProviderError::Api(format!(
@@ -365,8 +565,14 @@ impl Provider for Linode {
                     inst.label, inst.id
                 )));
             };
-            if cur.status == "running" {
-                break cur;
+            match cur.status.as_str() {
+                "running" => break cur,
+                "offline" | "stopped" if booted_at.is_none_or(|t| t.elapsed() >= reboot_after) => {
+                    self.boot(&cur).await?;
+                    booted_at = Some(Instant::now());
+                }
+                // provisioning, booting, rebooting, migrating, …: wait through them.
+                _ => {}
             }
             if Instant::now() >= deadline {
                 return Err(ProviderError::Timeout(format!(

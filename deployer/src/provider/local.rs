@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::{Instance, Provider, ProviderError, MANAGED_TAG};
+use super::{rollout_tag, Instance, Provider, ProviderError, MANAGED_TAG};
 use crate::config::LoadBalancer;
 
 /// Local instances under one directory.
@@ -160,7 +160,16 @@ impl Provider for Local {
         rollout: &str,
     ) -> Result<Instance, ProviderError> {
         if let Some(existing) = self.read(label)? {
-            return Ok(existing);
+            if existing.created_by(rollout) {
+                return Ok(existing);
+            }
+            return Err(ProviderError::Conflict(format!(
+                "{label} exists ({}, tags {:?}) but was not created by this run ({}): it is left alone; remove {} if it is not needed, then run again",
+                existing.id,
+                existing.tags,
+                rollout_tag(rollout),
+                self.dir(label).display()
+            )));
         }
         let inst = Instance {
             id: format!("local-{:08x}", fastrand::u32(..)),
@@ -170,7 +179,9 @@ impl Provider for Local {
             public_ipv4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             private_ipv4: None,
             dns_port: self.free_port()?,
-            tags: vec![MANAGED_TAG.into(), format!("rollout:{rollout}")],
+            tags: vec![MANAGED_TAG.into(), rollout_tag(rollout)],
+            instance_type: None,
+            image: None,
         };
         self.write(&inst)?;
         Ok(inst)
@@ -244,5 +255,33 @@ impl Provider for Local {
 
     fn backend_addr(&self, inst: &Instance, _lb: &LoadBalancer) -> Option<SocketAddr> {
         Some(SocketAddr::from((Ipv4Addr::LOCALHOST, inst.dns_port)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn create_reuses_only_what_the_same_run_made() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Local::new(d.path(), d.path());
+        let made = p.create("ns1-next", "local", "r1-aaaa").await.unwrap();
+        assert!(made.created_by("r1-aaaa"));
+        assert_eq!(made.tags, [MANAGED_TAG, "dnslb-rollout-r1-aaaa"]);
+        // The same run (a resumed rollout) gets the same instance back.
+        let again = p.create("ns1-next", "local", "r1-aaaa").await.unwrap();
+        assert_eq!(again.id, made.id);
+        // Another run is refused, and the instance is left as it was.
+        let err = p.create("ns1-next", "local", "r2-bbbb").await.unwrap_err();
+        assert!(matches!(err, ProviderError::Conflict(_)), "{err}");
+        assert!(err.to_string().contains("not created by this run"), "{err}");
+        assert_eq!(p.find("ns1-next").await.unwrap().unwrap().id, made.id);
+        // An instance.json written before the tag change is still this run's.
+        let mut old = made.clone();
+        old.tags = vec![MANAGED_TAG.into(), "rollout:r1-aaaa".into()];
+        p.write(&old).unwrap();
+        let reused = p.create("ns1-next", "local", "r1-aaaa").await.unwrap();
+        assert_eq!(reused.id, made.id);
     }
 }

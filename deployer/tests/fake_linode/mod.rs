@@ -2,8 +2,16 @@
 //! documentation, not from the client: bearer-token auth (401), the
 //! `{"errors":[{"reason","field"}]}` format, label rules and uniqueness, pagination
 //! with `page`/`page_size` (`data`, `page`, `pages`, `results`), `X-Filter` on label and
-//! tags, statuses provisioning -> booting -> running, `/ips` with public and private
-//! IPv4, rename with PUT, DELETE, and 429 with `Retry-After`.
+//! tags, statuses provisioning -> booting -> running (or provisioning -> offline for
+//! `booted: false`, until `POST /linode/instances/{id}/boot`), `/ips` with public and
+//! private IPv4, rename with PUT, DELETE, and 429 with `Retry-After`.
+//!
+//! Faults a test can switch on ([`Faults`]): a create that makes the instance and then
+//! answers 500, a 500 before anything is made, a create whose response is cut off
+//! mid-way (the instance exists, the client never learns its ID), instances that come
+//! out of provisioning `offline` although `booted` was true, a listing that lags
+//! behind a create whose answer was lost, 429 on creates, and a
+//! restricted token (read-only, or no Linodes scope: 403 `Unauthorized`).
 //!
 //! It hands out loopback addresses only (127.0.0.0/8), and brings each one up as a /32
 //! on `lo` (`ip addr add`, removed again on delete), as a cloud brings up a VM's
@@ -40,6 +48,43 @@ pub struct Linode {
     pub created: Instant,
     /// Pre-existing, already running (made by hand).
     pub preexisting: bool,
+    /// Comes out of provisioning `offline` (created with `booted: false`, or the
+    /// offline fault) until a boot request.
+    pub offline: bool,
+    /// When `POST .../boot` was accepted.
+    pub boot_requested: Option<Instant>,
+}
+
+/// What the token may do, as a personal access token's `linodes` scope.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// `linodes:read_write`.
+    #[default]
+    ReadWrite,
+    /// `linodes:read_only`: every write answers 403.
+    ReadOnly,
+    /// No `linodes` scope: every request answers 403.
+    None,
+}
+
+/// Faults to inject; counters are decremented as they fire.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Creates that make the instance, then answer 500.
+    pub create_500_after: u32,
+    /// Creates that answer 500 without making anything.
+    pub create_500_before: u32,
+    /// Creates that make the instance, then cut the response off.
+    pub create_lost_response: u32,
+    /// An instance whose create answer was cut off stays out of this many of the
+    /// following listings (a listing that lags behind the create).
+    pub lost_hidden_from_lists: u32,
+    /// Creates that answer 429 with `Retry-After: 1`.
+    pub create_429: u32,
+    /// New instances stop `offline` after provisioning even with `booted: true`.
+    pub offline_after_provisioning: bool,
+    /// The token's scope.
+    pub scope: Scope,
 }
 
 #[derive(Default)]
@@ -49,8 +94,16 @@ pub struct Inner {
     pub next_host: u32,
     /// Every request: (method, path, body).
     pub requests: Vec<(String, String, Value)>,
+    /// When each of `requests` arrived.
+    pub arrived: Vec<Instant>,
+    /// Every status `GET /linode/instances/{id}` answered: (id, status).
+    pub served: Vec<(u64, String)>,
     /// How many of the next requests answer 429.
     pub throttle: u32,
+    /// Injected faults.
+    pub faults: Faults,
+    /// Instances left out of the next N listings: id -> N.
+    pub hidden: BTreeMap<u64, u32>,
     pub ssh_listeners: BTreeMap<u64, tokio::task::JoinHandle<()>>,
 }
 
@@ -124,8 +177,14 @@ impl Fake {
         }
         let age = l.created.elapsed();
         if age < self.step {
-            "provisioning"
-        } else if age < self.step * 2 {
+            return "provisioning";
+        }
+        let boot_started = match (l.offline, l.boot_requested) {
+            (true, None) => return "offline",
+            (_, Some(t)) => t.elapsed(),
+            (false, None) => age - self.step,
+        };
+        if boot_started < self.step {
             "booting"
         } else {
             "running"
@@ -181,6 +240,8 @@ impl Fake {
             private: Some(Ipv4Addr::new(a, b, c + 100, host)),
             created: Instant::now(),
             preexisting: pre,
+            offline: false,
+            boot_requested: None,
         }
     }
 
@@ -221,18 +282,84 @@ impl Fake {
     pub fn throttle(&self, n: u32) {
         self.inner.lock().unwrap().throttle = n;
     }
+
+    /// Changes the injected faults.
+    pub fn faults(&self, f: impl FnOnce(&mut Faults)) {
+        f(&mut self.inner.lock().unwrap().faults);
+    }
+
+    /// Adds an instance as a deployer would have made it, running, with these
+    /// type, image and tags (a leftover of another run, say).
+    pub fn add_made(
+        &self,
+        label: &str,
+        region: &str,
+        ty: &str,
+        image: &str,
+        tags: &[&str],
+    ) -> Linode {
+        let mut g = self.inner.lock().unwrap();
+        let mut l = self.new_linode(&mut g, label, region, true);
+        l.ty = ty.into();
+        l.image = Some(image.into());
+        l.tags = tags.iter().map(|t| t.to_string()).collect();
+        bring_up(&l);
+        g.linodes.insert(l.id, l.clone());
+        l
+    }
+
+    /// The statuses `GET /linode/instances/{id}` answered for `id`, repeats removed.
+    pub fn statuses_served(&self, id: u64) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for (i, st) in &self.inner.lock().unwrap().served {
+            if *i == id && v.last() != Some(st) {
+                v.push(st.clone());
+            }
+        }
+        v
+    }
+
+    /// When the `POST /linode/instances` requests for `label` arrived.
+    pub fn create_times(&self, label: &str) -> Vec<Instant> {
+        let g = self.inner.lock().unwrap();
+        g.requests
+            .iter()
+            .zip(&g.arrived)
+            .filter(|((m, p, b), _)| m == "POST" && p == "/linode/instances" && b["label"] == label)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
+    /// The requests with this method and path.
+    pub fn requests_to(&self, method: &str, path: &str) -> Vec<Value> {
+        self.requests()
+            .into_iter()
+            .filter(|(m, p, _)| m == method && p == path)
+            .map(|(_, _, b)| b)
+            .collect()
+    }
 }
 
 /// Checks auth and throttling; records the request.
 fn gate(f: &Fake, headers: &HeaderMap, method: &str, path: &str, body: &Value) -> Option<Response> {
     let mut g = f.inner.lock().unwrap();
     g.requests.push((method.into(), path.into(), body.clone()));
+    g.arrived.push(Instant::now());
     let auth = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if auth != format!("Bearer {TOKEN}") {
         return Some(err(StatusCode::UNAUTHORIZED, "Invalid Token", None));
+    }
+    // A valid token without the scope the operation needs: 403, as Linode answers.
+    let allowed = match g.faults.scope {
+        Scope::ReadWrite => true,
+        Scope::ReadOnly => method == "GET",
+        Scope::None => false,
+    };
+    if !allowed {
+        return Some(err(StatusCode::FORBIDDEN, "Unauthorized", None));
     }
     if g.throttle > 0 {
         g.throttle -= 1;
@@ -289,10 +416,15 @@ async fn list(
         None => json!({}),
     };
     let mut g = f.inner.lock().unwrap();
-    let all: Vec<Linode> = g.linodes.values().cloned().collect();
+    let mut all: Vec<Linode> = g.linodes.values().cloned().collect();
     for l in &all {
         f.boot_ssh(&mut g, l);
     }
+    all.retain(|l| !g.hidden.contains_key(&l.id));
+    for n in g.hidden.values_mut() {
+        *n -= 1;
+    }
+    g.hidden.retain(|_, n| *n > 0);
     let matching: Vec<Value> = all
         .iter()
         .map(|l| f.view(l))
@@ -340,6 +472,20 @@ async fn create(State(f): State<Fake>, headers: HeaderMap, Json(body): Json<Valu
         errors.push(json!({"reason": "Invalid SSH public key", "field": "authorized_keys"}));
     }
     let mut g = f.inner.lock().unwrap();
+    if g.faults.create_429 > 0 {
+        g.faults.create_429 -= 1;
+        let mut r = err(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", None);
+        r.headers_mut().insert("retry-after", "1".parse().unwrap());
+        return r;
+    }
+    if g.faults.create_500_before > 0 {
+        g.faults.create_500_before -= 1;
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error",
+            None,
+        );
+    }
     if g.linodes.values().any(|l| l.label == label) {
         errors.push(json!({"reason": "Label must be unique among your Linodes", "field": "label"}));
     }
@@ -361,9 +507,66 @@ async fn create(State(f): State<Fake>, headers: HeaderMap, Json(body): Json<Valu
     if body["private_ip"] != json!(true) {
         l.private = None;
     }
+    // `booted` defaults to true; false leaves it offline after provisioning.
+    l.offline = body["booted"] == json!(false) || g.faults.offline_after_provisioning;
     bring_up(&l);
     g.linodes.insert(l.id, l.clone());
+    if g.faults.create_500_after > 0 {
+        g.faults.create_500_after -= 1;
+        return err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error",
+            None,
+        );
+    }
+    if g.faults.create_lost_response > 0 {
+        g.faults.create_lost_response -= 1;
+        let hide = g.faults.lost_hidden_from_lists;
+        if hide > 0 {
+            g.hidden.insert(l.id, hide);
+        }
+        return cut_off(f.view(&l));
+    }
     Json(f.view(&l)).into_response()
+}
+
+/// A 200 whose body stops half-way: it promises the whole JSON in Content-Length,
+/// sends the first half and closes the connection, as a response lost to a network
+/// failure. The client cannot read the instance's ID.
+fn cut_off(v: Value) -> Response {
+    let text = v.to_string();
+    let half = text[..text.len() / 2].to_string();
+    let mut r = (StatusCode::OK, half).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONTENT_LENGTH,
+        text.len().to_string().parse().unwrap(),
+    );
+    r
+}
+
+async fn boot(State(f): State<Fake>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+    if let Some(r) = gate(
+        &f,
+        &headers,
+        "POST",
+        &format!("/linode/instances/{id}/boot"),
+        &Value::Null,
+    ) {
+        return r;
+    }
+    let mut g = f.inner.lock().unwrap();
+    let Some(l) = g.linodes.get(&id).cloned() else {
+        return err(StatusCode::NOT_FOUND, "Not found", None);
+    };
+    if f.status(&l) != "offline" {
+        return err(
+            StatusCode::BAD_REQUEST,
+            &format!("Linode {id} is busy ({})", f.status(&l)),
+            None,
+        );
+    }
+    g.linodes.get_mut(&id).unwrap().boot_requested = Some(Instant::now());
+    Json(json!({})).into_response()
 }
 
 async fn one(State(f): State<Fake>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
@@ -381,7 +584,10 @@ async fn one(State(f): State<Fake>, headers: HeaderMap, Path(id): Path<u64>) -> 
         return err(StatusCode::NOT_FOUND, "Not found", None);
     };
     f.boot_ssh(&mut g, &l);
-    Json(f.view(&l)).into_response()
+    let v = f.view(&l);
+    g.served
+        .push((id, v["status"].as_str().unwrap().to_string()));
+    Json(v).into_response()
 }
 
 async fn ips(State(f): State<Fake>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
@@ -511,6 +717,7 @@ pub fn start(base: Ipv4Addr, ssh: bool, ssh_port: u16, step: Duration) -> Server
             get(one).put(update).delete(delete),
         )
         .route("/v4/linode/instances/{id}/ips", get(ips))
+        .route("/v4/linode/instances/{id}/boot", axum::routing::post(boot))
         .with_state(fake.clone());
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
