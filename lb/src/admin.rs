@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backends::{self, AdminState as MemberState, Entry, Health, Member, SetError};
 use crate::config::BackendConfig;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// What the handlers share.
 #[derive(Clone)]

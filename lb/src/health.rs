@@ -17,7 +17,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthConfig;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Why a check failed.
 #[derive(Debug, thiserror::Error)]

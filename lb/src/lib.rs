@@ -7,29 +7,36 @@
 //!   SERVFAIL); never allocates.
 //! - [`backends`] — the backend set (one `ArcSwap<Snapshot>`, serialized writers),
 //!   per-backend runtime (health, in-flight counts) and the selection policies.
+//! - [`shared`] — run-time state every worker, the health checker and the admin API
+//!   share: the backend set, the SIGHUP tunables, where the set is persisted.
+//! - [`health`] — active health checks, and the round that applies passive health.
+//! - [`admin`] — the HTTP admin API and `/metrics`.
 //! - `udp` — the UDP path: per-worker sockets and the in-flight ID table.
-//! - [`batch`] — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
 //! - `tcp` — the TCP path (RFC 7766): pipelined client connections, pooled backend
 //!   connections.
-//! - [`health`] — active health checks.
-//! - [`admin`] — the HTTP admin API and `/metrics`.
-//! - [`metrics`] — metric names and handles.
+//! - `batch` — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
+//! - `control` — how the server tells a worker thread to drain or stop.
+//! - [`metrics`] — metric names and handles, and the per-backend series.
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker).
-//! - [`server`] — start-up, worker threads, reload and graceful shutdown.
-//! - `control` — how the server tells a worker thread to drain or stop.
+//! - [`server`] — start-up (worker threads, health checker, admin API), reload and
+//!   graceful shutdown; nothing else imports it.
 //! - [`systemd`] — `sd_notify`.
+//!
+//! Modules form a DAG: `config`/`packet` → `metrics` → `backends` → `shared` →
+//! `health`/`admin` → `udp`/`tcp` → `server`.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod backends;
-pub mod batch;
+mod batch;
 pub mod config;
 mod control;
 pub mod health;
 pub mod metrics;
 pub mod packet;
 pub mod server;
+pub mod shared;
 pub mod sockets;
 pub mod state;
 pub mod systemd;

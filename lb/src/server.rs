@@ -15,91 +15,12 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::backends::{BackendSet, Member, SetError};
-use crate::config::{Config, HealthConfig, Policy};
+use crate::config::Config;
 use crate::control::Control;
+use crate::shared::{Shared, Tunables};
 use crate::sockets::Listeners;
 use crate::state::{self, StateFile};
 use crate::{admin, health, metrics, tcp, udp};
-
-/// How often a data-plane worker (UDP or TCP) expires timed-out queries, enforces its
-/// other timers and picks up reloaded tunables.
-pub(crate) const WORKER_TICK: Duration = Duration::from_millis(50);
-
-/// Settings that SIGHUP may change while traffic flows.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tunables {
-    /// Selection policy.
-    pub policy: Policy,
-    /// Per-query timeout.
-    pub query_timeout_ms: u64,
-    /// Failures (checks, timeouts) before a backend is down.
-    pub fall: u32,
-    /// Health checks.
-    pub health: HealthConfig,
-    /// TCP limits (all but `max_connections`, which needs a restart).
-    pub tcp: crate::config::Tcp,
-}
-
-impl Tunables {
-    fn from_config(c: &Config) -> Self {
-        Tunables {
-            policy: c.balance.policy,
-            query_timeout_ms: c.balance.query_timeout_ms,
-            fall: c.health.fall,
-            health: c.health.clone(),
-            tcp: c.tcp.clone(),
-        }
-    }
-}
-
-/// State shared by every worker, the health checker and the admin API.
-pub struct Shared {
-    /// The backend set.
-    pub set: BackendSet,
-    /// Current tunables; workers copy them on each tick.
-    pub tunables: ArcSwap<Tunables>,
-    /// Data-plane metric handles.
-    pub metrics: metrics::DataPlane,
-    /// Caps TCP client connections over all workers.
-    pub tcp_connections: Arc<Semaphore>,
-    /// Where the set is persisted.
-    pub state_path: PathBuf,
-    /// The admin bearer token, if any (reloaded on SIGHUP).
-    pub admin_token: ArcSwap<Option<String>>,
-    /// When the process started.
-    pub started: Instant,
-    /// The DNS addresses being served.
-    pub dns_addrs: Vec<SocketAddr>,
-}
-
-impl Shared {
-    /// Points a worker's copy of the tunables at the current ones if a reload changed
-    /// them (one pointer comparison per tick; no atomics per query).
-    pub(crate) fn refresh_tunables(&self, mine: &mut Arc<Tunables>) {
-        let cur = self.tunables.load();
-        if !Arc::ptr_eq(&cur, mine) {
-            *mine = arc_swap::Guard::into_inner(cur);
-        }
-    }
-
-    /// Changes the backend set under its writer lock, persisting the result before it
-    /// becomes visible. Returns the new generation.
-    pub fn change(
-        &self,
-        f: impl FnOnce(&crate::backends::Snapshot) -> Result<Vec<Member>, SetError>,
-    ) -> Result<u64, SetError> {
-        self.set.update(f, |generation, members| {
-            state::save(
-                &self.state_path,
-                &StateFile {
-                    generation,
-                    backends: members.to_vec(),
-                },
-            )
-            .map_err(|e| SetError::Rejected(e.to_string()))
-        })
-    }
-}
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
