@@ -27,8 +27,6 @@ pub struct Tunables {
     pub policy: Policy,
     /// Per-query timeout.
     pub query_timeout_ms: u64,
-    /// Failures (checks, timeouts) before a backend is down.
-    pub fall: u32,
     /// Health checks.
     pub health: HealthConfig,
     /// TCP limits (all but `max_connections`, which needs a restart).
@@ -41,7 +39,6 @@ impl Tunables {
         Tunables {
             policy: c.balance.policy,
             query_timeout_ms: c.balance.query_timeout_ms,
-            fall: c.health.fall,
             health: c.health.clone(),
             tcp: c.tcp.clone(),
         }

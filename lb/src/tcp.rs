@@ -650,6 +650,9 @@ impl TcpWorker {
             }
             self.poller
                 .wait_events(&mut ready, next_tick.saturating_duration_since(now))?;
+            // Before anything that woke it: a query read after a reload returned is
+            // handled with the reloaded tunables, on connections open before it too.
+            self.shared.refresh_tunables(&mut self.tunables);
             let now = Instant::now();
             for &(token, flags) in &ready {
                 match token {
@@ -1212,7 +1215,7 @@ impl TcpWorker {
             let over = p.retried || p.deadline <= now;
             if connected {
                 if over {
-                    p.backend.on_timeout(p.sent, tun.fall);
+                    p.backend.on_timeout(p.sent);
                     self.client_done(p.client, now);
                     continue;
                 }
@@ -1220,7 +1223,7 @@ impl TcpWorker {
                 if charged {
                     p.backend.on_abandon();
                 } else {
-                    p.backend.on_timeout(latest.unwrap_or(p.sent), tun.fall);
+                    p.backend.on_timeout(latest.unwrap_or(p.sent));
                     charged = true;
                 }
                 if over {
@@ -1299,7 +1302,7 @@ impl TcpWorker {
                         continue;
                     }
                     for (_, p) in u.pending.extract_if(|_, p| p.deadline <= now) {
-                        p.backend.on_timeout(p.sent, tun.fall);
+                        p.backend.on_timeout(p.sent);
                         expired.push((p.client, p.query));
                     }
                     if u.connected && u.pending.is_empty() && u.last_busy + backend_idle <= now {

@@ -287,6 +287,9 @@ impl UdpWorker {
                 next_tick = now + WORKER_TICK;
             }
             poller.wait(&mut ready, next_tick.saturating_duration_since(now))?;
+            // Before anything that woke it: a query read after a reload returned is
+            // handled with the reloaded tunables.
+            self.shared.refresh_tunables(&mut self.tunables);
             // Answers first: they finish queries already in flight, and after a stall
             // they would otherwise queue behind the new queries of the same wake-up.
             ready.sort_unstable_by_key(|&t| !matches!(t, TOKEN_UP4 | TOKEN_UP6));
@@ -316,12 +319,10 @@ impl UdpWorker {
         Ok(())
     }
 
-    /// Picks up reloaded tunables and frees timed-out slots, charging their backends.
+    /// Frees timed-out slots, charging their backends.
     fn tick(&mut self, now: Instant) {
-        self.shared.refresh_tunables(&mut self.tunables);
-        let fall = self.tunables.fall;
         self.table
-            .expire(now, |done| done.backend.on_timeout(done.sent, fall));
+            .expire(now, |done| done.backend.on_timeout(done.sent));
     }
 
     /// Drains listener `index` in batches: a short batch means the queue is empty.

@@ -1058,13 +1058,14 @@ fn is_health_check(q: &[u8]) -> bool {
 #[test]
 fn a_backend_that_answers_checks_but_no_queries_goes_down_after_fall_timeouts() {
     // Health checks pass (and run only at start here); real queries are never
-    // answered: after `fall` (3) timeouts with no answer since, it is down, and
-    // clients get SERVFAIL at once instead of waiting for a timeout.
+    // answered: after `fall` (3) timeouts with no answer since, it is down, and the
+    // healthy backend beside it takes every query.
     let named = Named::start();
+    let healthy = Named::start();
     let addr = dropping_backend(named.addr, |q| !is_health_check(q));
     let lb = Dnslb::start(&checks_at_start_only(config(
-        &[("silent", addr)],
-        "[balance]\nquery_timeout_ms = 200\n",
+        &[("silent", addr), ("healthy", healthy.addr)],
+        "[balance]\npolicy = \"first-available\"\nquery_timeout_ms = 200\n",
     )));
     send_queries(&lb, "q", 3);
     assert!(
@@ -1075,8 +1076,39 @@ fn a_backend_that_answers_checks_but_no_queries_goes_down_after_fall_timeouts() 
         "{:?}",
         lb.logs()
     );
+    assert_eq!(lb.backend("silent")["health"], "down");
     let a = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
-    assert_eq!(a.response_code, ResponseCode::ServFail);
+    assert_eq!(a.response_code, ResponseCode::NoError);
+}
+
+#[test]
+fn a_silent_backend_with_no_other_usable_one_stays_in_use() {
+    // The same silent backend alone: taking it down would turn every query into
+    // SERVFAIL; it stays in use, and that is logged.
+    let named = Named::start();
+    let addr = dropping_backend(named.addr, |q| !is_health_check(q));
+    let lb = Dnslb::start(&checks_at_start_only(config(
+        &[("silent", addr)],
+        "[balance]\nquery_timeout_ms = 200\n",
+    )));
+    send_queries(&lb, "q", 5);
+    assert!(
+        eventually(T, || lb.logs().iter().any(
+            |l| l.contains("kept up: no other usable backend would be left")
+        )),
+        "{:?}",
+        lb.logs()
+    );
+    let b = lb.backend("silent");
+    assert_ne!(b["health"], "down", "{b}");
+    assert_eq!(b["timeouts_total"], 5, "{b}");
+    // No SERVFAIL: the query is forwarded (and, this backend being silent, lost).
+    let q = query("www.example.test.", RecordType::A, true);
+    assert!(udp_query_raw(lb.dns, &q, Duration::from_millis(500)).is_err());
+    assert!(lb
+        .logs()
+        .iter()
+        .all(|l| !(l.contains("health changed") && l.contains("to=Down"))));
 }
 
 #[test]
@@ -1161,7 +1193,7 @@ fn a_backend_that_loses_most_queries_is_taken_down_though_some_are_answered() {
     let healthy = Named::start();
     let lb = lossy_setup(&named, &[("healthy", healthy.addr)]);
     assert!(
-        query_until_logged(&lb, "queries timed out since the last check"),
+        query_until_logged(&lb, "queries timed out"),
         "{:?}",
         lb.logs()
     );
