@@ -664,6 +664,7 @@ mod tests {
         let key = QuestionKey {
             hash: Some(1),
             opcode: 0,
+            had_question: true,
         };
         let a = t.insert(now, 100, origin(c, 1, key), &b).unwrap();
         let _b2 = t.insert(now, 100, origin(c, 2, key), &b).unwrap();
@@ -698,6 +699,7 @@ mod tests {
                     QuestionKey {
                         hash: None,
                         opcode: 0,
+                        had_question: false,
                     },
                 ),
                 &b,

@@ -1581,3 +1581,104 @@ fn a_tcp_worker_whose_accepts_keep_failing_drains_and_dnslb_exits_1() {
     let mut b = [0u8; 1];
     assert_eq!(open.read(&mut b).expect("closed by the drain"), 0);
 }
+
+#[test]
+fn servfail_of_an_edns_query_carries_opt_over_udp_and_tcp() {
+    // RFC 6891 6.1.1: a query with OPT gets an answer with OPT, dnslb's own SERVFAIL
+    // included; DO is copied (RFC 3225); a query without OPT gets none.
+    use hickory_proto::op::{Edns, MessageType, OpCode, Query};
+    use hickory_proto::rr::Name;
+    use hickory_proto::serialize::binary::BinEncodable;
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lb = Dnslb::start(&config(&[("dead", dead)], ""));
+    assert!(eventually(Duration::from_secs(5), || lb.backend("dead")["health"] == "down"));
+    for tcp in [false, true] {
+        for (edns, dnssec_ok) in [(true, true), (true, false), (false, false)] {
+            let mut m = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+            m.add_query(Query::query(
+                Name::from_ascii("www.example.test.").unwrap(),
+                RecordType::A,
+            ));
+            if edns {
+                let mut e = Edns::new();
+                e.set_max_payload(4096);
+                e.set_dnssec_ok(dnssec_ok);
+                m.set_edns(e);
+            }
+            let q = m.to_bytes().unwrap();
+            let raw = if tcp {
+                tcp_query_raw(lb.dns, &q).unwrap()
+            } else {
+                udp_query_raw(lb.dns, &q, T).unwrap()
+            };
+            let a = Message::from_vec(&raw).unwrap();
+            let what = format!("tcp={tcp} edns={edns} do={dnssec_ok}");
+            assert_eq!(a.response_code, ResponseCode::ServFail, "{what}");
+            assert_eq!(a.queries.len(), 1, "{what}");
+            assert!(a.answers.is_empty() && a.authorities.is_empty(), "{what}");
+            assert!(a.additionals.is_empty(), "{what}");
+            match a.edns.as_ref() {
+                Some(e) => {
+                    assert!(edns, "{what}: OPT only if the query had one");
+                    assert_eq!(e.flags().dnssec_ok, dnssec_ok, "{what}");
+                    assert_eq!(e.version(), 0, "{what}");
+                }
+                None => assert!(!edns, "{what}: OPT kept"),
+            }
+        }
+    }
+}
+
+/// A UDP backend that relays health checks to `named` and answers every other query
+/// with what `answer` makes of it (`None`: no answer).
+fn answering_backend(
+    named: SocketAddr,
+    answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static,
+) -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            let a = if is_health_check(q) {
+                udp_query_raw(named, q, T).ok()
+            } else {
+                answer(q)
+            };
+            if let Some(a) = a {
+                let _ = sock.send_to(&a, from);
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_answer_with_an_empty_question_needs_an_error_rcode() {
+    use dnslb::metrics::DROPPED;
+    // The backend answers with a bare header (QDCOUNT 0): as NOERROR for names that
+    // start with "noerror", as REFUSED otherwise.
+    let named = Named::start();
+    let addr = answering_backend(named.addr, |q| {
+        let mut a = q[..12].to_vec();
+        a[2] |= 0x80;
+        a[3] = if q.windows(7).any(|w| w == b"noerror") { 0 } else { 5 };
+        a[4..12].fill(0);
+        Some(a)
+    });
+    let lb = Dnslb::start(&config(&[("bare", addr)], ""));
+    let q = query("refused.example.test.", RecordType::A, false);
+    let a = udp_query(lb.dns, &q, T).expect("an empty question with REFUSED is delivered");
+    assert_eq!(a.response_code, ResponseCode::Refused);
+    let q = query("noerror.example.test.", RecordType::A, false);
+    assert!(
+        udp_query_raw(lb.dns, &q, Duration::from_millis(500)).is_err(),
+        "a NOERROR answer that does not say what it answers is dropped"
+    );
+    let m = scrape(&lb);
+    assert!(
+        metric(&m, DROPPED, &[("reason", "question_mismatch"), ("transport", "udp")]) >= 1.0,
+        "{m}"
+    );
+}
