@@ -62,14 +62,18 @@ fn serve(path: PathBuf, config: dnslb::Config) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        // Handlers first: from READY=1 on, the service manager may send SIGHUP
+        // (`systemctl reload`) or SIGTERM at any moment, and before a handler is
+        // installed either one would kill the process instead. One that arrives
+        // during start-up waits for the loop below.
+        let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing signal handlers")?;
         let listeners = dnslb::bind(&config).context("binding listeners")?;
         let server = dnslb::Server::start(config, listeners).context("starting")?;
         if let Err(e) = dnslb::systemd::notify("READY=1") {
             tracing::warn!("sd_notify READY=1 failed: {e}");
         }
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let mut failure = None;
         loop {
             tokio::select! {

@@ -1591,7 +1591,9 @@ fn servfail_of_an_edns_query_carries_opt_over_udp_and_tcp() {
     use hickory_proto::serialize::binary::BinEncodable;
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let lb = Dnslb::start(&config(&[("dead", dead)], ""));
-    assert!(eventually(Duration::from_secs(5), || lb.backend("dead")["health"] == "down"));
+    assert!(eventually(Duration::from_secs(5), || lb.backend("dead")
+        ["health"]
+        == "down"));
     for tcp in [false, true] {
         for (edns, dnssec_ok) in [(true, true), (true, false), (false, false)] {
             let mut m = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
@@ -1663,7 +1665,11 @@ fn an_answer_with_an_empty_question_needs_an_error_rcode() {
     let addr = answering_backend(named.addr, |q| {
         let mut a = q[..12].to_vec();
         a[2] |= 0x80;
-        a[3] = if q.windows(7).any(|w| w == b"noerror") { 0 } else { 5 };
+        a[3] = if q.windows(7).any(|w| w == b"noerror") {
+            0
+        } else {
+            5
+        };
         a[4..12].fill(0);
         Some(a)
     });
@@ -1678,7 +1684,128 @@ fn an_answer_with_an_empty_question_needs_an_error_rcode() {
     );
     let m = scrape(&lb);
     assert!(
-        metric(&m, DROPPED, &[("reason", "question_mismatch"), ("transport", "udp")]) >= 1.0,
+        metric(
+            &m,
+            DROPPED,
+            &[("reason", "question_mismatch"), ("transport", "udp")]
+        ) >= 1.0,
         "{m}"
     );
+}
+
+/// Starts dnslb under a fake systemd (NOTIFY_SOCKET) and sends `sig` the moment
+/// READY=1 arrives, straight from the thread that read it; returns the process and the
+/// notify socket.
+fn signal_at_ready(
+    dir: &tempfile::TempDir,
+    backends: &[(&str, SocketAddr)],
+    sig: i32,
+) -> (std::process::Child, std::os::unix::net::UnixDatagram) {
+    use std::os::unix::net::UnixDatagram;
+    let sock_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::fs::write(
+        dir.path().join("dnslb.toml"),
+        format!(
+            "{}[state]\npath = \"{}\"\n",
+            config(backends, ""),
+            dir.path().join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        .arg("--config")
+        .arg(dir.path().join("dnslb.toml"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 arrives");
+    // SAFETY: kill(2) on our own child's pid.
+    let r = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(r, 0);
+    assert_eq!(&buf[..n], b"READY=1");
+    (child, notify)
+}
+
+#[test]
+fn sighup_and_sigterm_right_after_ready_behave() {
+    let ns = Named::start();
+    // `systemctl reload` right after start: a reload, not the end of the process.
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, notify) = signal_at_ready(&dir, &[("ns1", ns.addr)], libc::SIGHUP);
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("RELOADING=1 after SIGHUP");
+        assert_eq!(&buf[..n], b"RELOADING=1");
+        let n = notify.recv(&mut buf).expect("READY=1 after the reload");
+        assert_eq!(&buf[..n], b"READY=1");
+        std::thread::sleep(Duration::from_millis(100));
+        let st = child.try_wait().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+        assert!(st.is_none(), "SIGHUP killed dnslb ({st:?}): {log}");
+        assert!(log.contains("configuration reloaded"), "{log}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // SIGTERM right after start: the usual drain and exit 0.
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, _notify) = signal_at_ready(&dir, &[("ns1", ns.addr)], libc::SIGTERM);
+        let st = child.wait().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+        assert_eq!(st.code(), Some(0), "{st:?}: {log}");
+        assert!(
+            log.contains("shutting down") && log.contains("stopped"),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn sighup_changes_the_policy_of_an_open_tcp_connection() {
+    use std::io::Write;
+    let ns1 = Named::start();
+    let ns2 = Named::start();
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns1.addr), ("ns2", ns2.addr)],
+        "[balance]\npolicy = \"first-available\"\n",
+    ));
+    // One connection, open before and after the reload.
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut ask = |n: usize| {
+        let mut frames = Vec::new();
+        for _ in 0..n {
+            frames.extend(frame(&query("www.example.test.", RecordType::A, true)));
+        }
+        s.write_all(&frames).unwrap();
+        for _ in 0..n {
+            read_frame(&mut s).unwrap();
+        }
+    };
+    ask(10);
+    let before = queries_per_backend(&lb);
+    assert_eq!(
+        before,
+        vec![("ns1".to_string(), 10), ("ns2".to_string(), 0)]
+    );
+    let path = lb.dir.path().join("dnslb.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("first-available", "round-robin");
+    std::fs::write(&path, text).unwrap();
+    lb.signal("HUP");
+    assert!(eventually(T, || lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("configuration reloaded"))));
+    // The very next queries on the same connection follow the new policy.
+    ask(10);
+    let after = queries_per_backend(&lb);
+    assert_eq!(after, vec![("ns1".to_string(), 15), ("ns2".to_string(), 5)]);
 }
