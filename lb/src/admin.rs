@@ -450,6 +450,9 @@ async fn healthz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::V
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
     let mut text = s.prometheus.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
     let snap = s.shared.set.load();
     let rows: Vec<_> = snap.entries.iter().map(|e| e.runtime.sample()).collect();
     crate::metrics::render_backends(&mut text, &rows);

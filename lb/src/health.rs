@@ -126,7 +126,7 @@ where
 pub fn record(rt: &BackendRuntime, cfg: &HealthConfig, result: &Result<(), CheckError>) {
     match result {
         Ok(()) => rt.record_pass(cfg.rise),
-        Err(e) => rt.record_failure(cfg.fall, &format!("health check failed: {e}")),
+        Err(e) => rt.record_failure(cfg.fall, &e.to_string()),
     }
 }
 

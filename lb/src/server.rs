@@ -1,8 +1,11 @@
-//! Start-up, reload and shutdown. [`Server::start`] loads the backend set (state file
-//! first, `[[backend]]` as the seed), starts the data plane (`server.workers` UDP
-//! threads and `server.tcp_workers` TCP threads, each sleeping in its own epoll loop
-//! and owning its sockets), the health checker and the admin API. [`Server::shutdown`] stops accepting, lets in-flight
-//! queries finish within the grace period, then stops the admin API.
+//! Start-up and shutdown (and the SIGHUP entry point), nothing else: the state the
+//! running parts share lives in [`crate::shared`], and no module imports this one.
+//! [`Server::start`] loads the backend set (state file first, `[[backend]]` as the
+//! seed), starts the data plane (`server.workers` UDP threads and `server.tcp_workers`
+//! TCP threads, each sleeping in its own epoll loop and owning its sockets), the health
+//! checker and the admin API. [`Server::reload`] applies new tunables.
+//! [`Server::shutdown`] stops accepting, lets in-flight queries finish within the
+//! grace period, then stops the health checker and the admin API.
 
 use std::io;
 use std::net::SocketAddr;
@@ -207,20 +210,6 @@ impl Server {
         }
         let background = CancellationToken::new();
         let health = tokio::spawn(health::run(shared.clone(), background.clone()));
-        // Histograms keep raw samples until upkeep folds them into buckets: without
-        // this, memory would grow with every query between two scrapes.
-        {
-            let (prometheus, stop) = (prometheus.clone(), background.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => prometheus.run_upkeep(),
-                    }
-                }
-            });
-        }
         let admin = admin::serve(
             listeners.admin,
             admin::AdminState::new(shared.clone(), prometheus),
