@@ -6,7 +6,8 @@
 //! - [`packet`] — DNS wire-format helpers for the hot path (header, question key,
 //!   SERVFAIL); never allocates.
 //! - [`backends`] — the backend set (one `ArcSwap<Snapshot>`, serialized writers),
-//!   per-backend runtime (health, in-flight counts) and the selection policies.
+//!   per-backend runtime (health, in-flight counts), the one health model (active
+//!   checks and the passive signal) and the selection policies.
 //! - [`shared`] — run-time state every worker, the health checker and the admin API
 //!   share: the backend set, the SIGHUP tunables, where the set is persisted.
 //! - [`health`] — active health checks, and the round that applies passive health.
@@ -19,8 +20,8 @@
 //! - [`metrics`] — metric names and handles, and the per-backend series.
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker).
-//! - [`server`] — start-up (worker threads, health checker, admin API), reload and
-//!   graceful shutdown; nothing else imports it.
+//! - [`server`] — start-up (worker threads, health checker, admin API), the SIGHUP
+//!   entry point and graceful shutdown; nothing else imports it.
 //! - [`systemd`] — `sd_notify`.
 //!
 //! Modules form a DAG: `config`/`packet` → `metrics` → `backends` → `shared` →
