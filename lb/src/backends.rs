@@ -22,7 +22,7 @@
 //!   would be left: then it stays in use and that is logged.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -68,13 +68,16 @@ impl Health {
     }
 }
 
-/// The loss window: the totals when it began, and its last verdict.
+/// What the passive judge keeps between rounds: the loss window (the totals when it
+/// began, and the verdict of the last full one), and whether "kept up" was logged
+/// for the current failing spell (it is logged once per spell).
 #[derive(Debug, Default)]
 struct Window {
     answers: u64,
     timeouts: u64,
-    /// Whether the last full window lost more than half of its queries.
+    /// Why the last full window failed, if it lost more than half of its queries.
     lossy: Option<String>,
+    kept_up_logged: bool,
 }
 
 /// The mutable, shared side of one backend.
@@ -100,10 +103,8 @@ pub struct BackendRuntime {
     /// Answers received (any RCODE).
     answers: AtomicU64,
     timeouts: AtomicU64,
-    /// The passive signal's loss half.
+    /// The passive judge's state (see [`Window`]); only the health loop takes it.
     window: Mutex<Window>,
-    /// "Kept up" was logged for the current failing spell (logged once per spell).
-    kept_up: AtomicBool,
     /// Per-backend metric series.
     pub metrics: metrics::Backend,
 }
@@ -135,7 +136,6 @@ impl BackendRuntime {
             answers: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             window: Mutex::new(Window::default()),
-            kept_up: AtomicBool::new(false),
             metrics: metrics::Backend::default(),
         }
     }
@@ -252,7 +252,7 @@ impl BackendRuntime {
             self.timeouts.load(Ordering::Relaxed),
         );
         let lossy = {
-            let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = self.window();
             let (answered, timed_out) = (answers - w.answers, timeouts - w.timeouts);
             if answered + timed_out >= LOSS_WINDOW {
                 w.lossy = (timed_out > answered).then(|| {
@@ -274,16 +274,20 @@ impl BackendRuntime {
         lossy
     }
 
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Forgets the passive signal (after the backend changed health): a backend that
     /// checks bring back starts with a clean slate, and one just taken down is not
     /// judged again on the same queries.
     fn reset_passive(&self) {
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.window();
         w.answers = self.answers.load(Ordering::Relaxed);
         w.timeouts = self.timeouts.load(Ordering::Relaxed);
         w.lossy = None;
+        w.kept_up_logged = false;
         self.silent_timeouts.store(0, Ordering::Relaxed);
-        self.kept_up.store(false, Ordering::Relaxed);
     }
 
     /// A health check passed: one makes an `unknown` backend `up`, `rise` in a row
@@ -385,7 +389,7 @@ impl Snapshot {
         for (e, why) in self.entries.iter().zip(failing) {
             let rt = &e.runtime;
             let Some(why) = why else {
-                rt.kept_up.store(false, Ordering::Relaxed);
+                rt.window().kept_up_logged = false;
                 continue;
             };
             if rt.health() == Health::Down {
@@ -395,7 +399,7 @@ impl Snapshot {
                 rt.passes.store(0, Ordering::Relaxed);
                 rt.set_health(Health::Down, &why);
                 rt.reset_passive();
-            } else if !rt.kept_up.swap(true, Ordering::Relaxed) {
+            } else if !std::mem::replace(&mut rt.window().kept_up_logged, true) {
                 tracing::warn!(
                     backend = %rt.name,
                     address = %rt.address,
