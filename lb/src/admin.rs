@@ -10,12 +10,13 @@
 //! | `POST /v1/backends/{name}/drain` | no new queries go to it |
 //! | `POST /v1/backends/{name}/undrain` | back to active |
 //! | `GET /v1/status` | version, uptime, generation, listeners, policy |
-//! | `GET /healthz` | 200 if an active backend is up, else 503 (no token needed) |
+//! | `GET /healthz` | 200 if an active backend is up or unknown (usable), else 503 (no token needed) |
 //! | `GET /metrics` | Prometheus text (no token needed) |
 //!
 //! Errors are always `{"error": "..."}`. With `admin.token_file` every route but
 //! `/healthz` and `/metrics` needs `Authorization: Bearer <token>` (compared in
-//! constant time). Every change is persisted before the response is sent.
+//! constant time). Every change is persisted before the response is sent, on a blocking
+//! thread: a slow disk never stalls this runtime, which also runs the health checks.
 
 use std::sync::Arc;
 
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{BackendList, BackendView, Changed, ErrorBody, MemberState, ReplaceSet};
 use crate::backends::{self, Entry, Member, SetError};
 use crate::config::BackendConfig;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -217,9 +218,10 @@ async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<Change
             return Err(SetError::Conflict { expected, current }.into());
         }
     }
+    // Check every backend that is new to the set (by name and address) before
+    // anything changes; the generation check below catches a race with a writer.
+    let mut passed = Vec::new();
     if body.require_healthy {
-        // Check every backend that is new to the set (by name and address) before
-        // anything changes; the generation check below catches a race with a writer.
         let snap = s.shared.set.snapshot();
         let cfg = s.shared.tunables.load().health.clone();
         let new: Vec<_> = body
@@ -229,17 +231,19 @@ async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<Change
                 snap.get(&b.name)
                     .is_none_or(|e| e.spec.address != b.address)
             })
-            .cloned()
+            .map(|b| (b.clone(), b.address))
             .collect();
-        let mut checks = tokio::task::JoinSet::new();
-        for b in new {
-            let cfg = cfg.clone();
-            checks.spawn(async move { (crate::health::check(b.address, &cfg).await, b) });
-        }
+        let cfg2 = cfg.clone();
+        let results = crate::health::check_all(new, move |addr| {
+            let cfg = cfg2.clone();
+            async move { crate::health::check(addr, &cfg).await }
+        })
+        .await;
         let mut failed = Vec::new();
-        while let Some(r) = checks.join_next().await {
-            if let Ok((Err(e), b)) = r {
-                failed.push(format!("{} ({}): {e}", b.name, b.address));
+        for (b, result) in results {
+            match result {
+                Ok(()) => passed.push(b),
+                Err(e) => failed.push(format!("{} ({}): {e}", b.name, b.address)),
             }
         }
         if !failed.is_empty() {
@@ -253,29 +257,40 @@ async fn replace(State(s): State<AdminState>, body: Bytes) -> Result<Json<Change
             ));
         }
     }
-    let generation = s.shared.change(|cur| {
-        if let Some(expected) = body.expected_generation {
-            if cur.generation != expected {
-                return Err(SetError::Conflict {
-                    expected,
-                    current: cur.generation,
-                });
+    let count = body.backends.len();
+    let generation = s
+        .shared
+        .change_off_runtime(move |cur| {
+            if let Some(expected) = body.expected_generation {
+                if cur.generation != expected {
+                    return Err(SetError::Conflict {
+                        expected,
+                        current: cur.generation,
+                    });
+                }
+            }
+            Ok(body
+                .backends
+                .into_iter()
+                .map(|spec| Member {
+                    spec,
+                    state: MemberState::Active,
+                })
+                .collect())
+        })
+        .await?;
+    // The checks that let the swap happen count like any other: a backend that
+    // passed is up now, not unknown.
+    if !passed.is_empty() {
+        let snap = s.shared.set.load();
+        let cfg = s.shared.tunables.load().health.clone();
+        for b in passed {
+            if let Some(e) = snap.get(&b.name).filter(|e| e.spec.address == b.address) {
+                crate::health::record(&e.runtime, &cfg, &Ok(()));
             }
         }
-        Ok(body
-            .backends
-            .iter()
-            .map(|b| Member {
-                spec: b.clone(),
-                state: MemberState::Active,
-            })
-            .collect())
-    })?;
-    tracing::info!(
-        generation,
-        backends = body.backends.len(),
-        "backend set replaced"
-    );
+    }
+    tracing::info!(generation, backends = count, "backend set replaced");
     Ok(Json(Changed { generation }))
 }
 
@@ -284,17 +299,21 @@ async fn add(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Changed>), ApiError> {
     let b: BackendConfig = parse(&body)?;
-    let generation = s.shared.change(|cur| {
-        if cur.get(&b.name).is_some() {
-            return Err(SetError::Exists(b.name.clone()));
-        }
-        let mut m = backends::members(cur);
-        m.push(Member {
-            spec: b.clone(),
-            state: MemberState::Active,
-        });
-        Ok(m)
-    })?;
+    let spec = b.clone();
+    let generation = s
+        .shared
+        .change_off_runtime(move |cur| {
+            if cur.get(&spec.name).is_some() {
+                return Err(SetError::Exists(spec.name));
+            }
+            let mut m = backends::members(cur);
+            m.push(Member {
+                spec,
+                state: MemberState::Active,
+            });
+            Ok(m)
+        })
+        .await?;
     tracing::info!(generation, backend = %b.name, address = %b.address, "backend added");
     Ok((StatusCode::CREATED, Json(Changed { generation })))
 }
@@ -303,41 +322,53 @@ async fn remove(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<Json<Changed>, ApiError> {
-    let generation = s.shared.change(|cur| {
-        if cur.get(&name).is_none() {
-            return Err(SetError::NotFound(name.clone()));
-        }
-        if cur.entries.len() == 1 {
-            // Like PUT, never leave the set empty by accident: drain it, or PUT a
-            // replacement.
-            return Err(SetError::Refused(format!(
-                "{name:?} is the last backend; removing it would leave the set empty (drain it or PUT a new set)"
-            )));
-        }
-        Ok(backends::members(cur)
-            .into_iter()
-            .filter(|m| m.spec.name != name)
-            .collect())
-    })?;
+    let removed = name.clone();
+    let generation = s
+        .shared
+        .change_off_runtime(move |cur| {
+            if cur.get(&removed).is_none() {
+                return Err(SetError::NotFound(removed));
+            }
+            if cur.entries.len() == 1 {
+                // Like PUT, never leave the set empty by accident: drain it, or PUT a
+                // replacement.
+                return Err(SetError::Refused(format!(
+                    "{removed:?} is the last backend; removing it would leave the set empty (drain it or PUT a new set)"
+                )));
+            }
+            Ok(backends::members(cur)
+                .into_iter()
+                .filter(|m| m.spec.name != removed)
+                .collect())
+        })
+        .await?;
     tracing::info!(generation, backend = %name, "backend removed");
     Ok(Json(Changed { generation }))
 }
 
-fn set_state(s: &AdminState, name: &str, state: MemberState) -> Result<Json<Changed>, ApiError> {
-    let generation = s.shared.change(|cur| {
-        if cur.get(name).is_none() {
-            return Err(SetError::NotFound(name.to_string()));
-        }
-        Ok(backends::members(cur)
-            .into_iter()
-            .map(|mut m| {
-                if m.spec.name == name {
-                    m.state = state;
-                }
-                m
-            })
-            .collect())
-    })?;
+async fn set_state(
+    s: &AdminState,
+    name: &str,
+    state: MemberState,
+) -> Result<Json<Changed>, ApiError> {
+    let target = name.to_string();
+    let generation = s
+        .shared
+        .change_off_runtime(move |cur| {
+            if cur.get(&target).is_none() {
+                return Err(SetError::NotFound(target));
+            }
+            Ok(backends::members(cur)
+                .into_iter()
+                .map(|mut m| {
+                    if m.spec.name == target {
+                        m.state = state;
+                    }
+                    m
+                })
+                .collect())
+        })
+        .await?;
     tracing::info!(generation, backend = %name, state = ?state, "backend state changed");
     Ok(Json(Changed { generation }))
 }
@@ -346,14 +377,14 @@ async fn drain(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<Json<Changed>, ApiError> {
-    set_state(&s, &name, MemberState::Draining)
+    set_state(&s, &name, MemberState::Draining).await
 }
 
 async fn undrain(
     State(s): State<AdminState>,
     Path(name): Path<String>,
 ) -> Result<Json<Changed>, ApiError> {
-    set_state(&s, &name, MemberState::Active)
+    set_state(&s, &name, MemberState::Active).await
 }
 
 async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
@@ -373,22 +404,23 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
 }
 
 async fn healthz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {
-    if s.shared.set.load().any_active_up() {
+    if s.shared.set.load().any_usable() {
         (StatusCode::OK, Json(json!({ "status": "ok" })))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "no active backend is up" })),
+            Json(json!({ "status": "no active backend is up or unknown" })),
         )
     }
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    for e in &s.shared.set.load().entries {
-        e.runtime.sync_metrics();
+    let mut text = s.prometheus.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.prometheus.render(),
-    )
+    let snap = s.shared.set.load();
+    let rows: Vec<_> = snap.entries.iter().map(|e| e.runtime.sample()).collect();
+    crate::metrics::render_backends(&mut text, &rows);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -3,9 +3,23 @@
 //! `load()` of that snapshot.
 //!
 //! What changes per query (queries in flight, health) lives in a [`BackendRuntime`]
-//! shared by reference: a new snapshot carries the runtime of a backend over by name
-//! (and address), so health, counters and in-flight accounting survive swaps, and a
-//! query in flight keeps its backend's runtime alive after the backend left the set.
+//! shared by reference: a new snapshot carries the runtime of a backend over when it
+//! keeps its name and address, so health, counters and in-flight accounting survive
+//! swaps, and a query in flight keeps its backend's runtime alive after the backend
+//! left the set. A backend that comes back under another name at the same address (a
+//! rollout renames its servers) gets a fresh runtime that inherits the health.
+//!
+//! # Health
+//! One model for every source (see docs/operations.md, "Health"):
+//! - `unknown` (new, nothing decided yet) and `up` are usable; `down` is not.
+//! - Active checks: `fall` failed checks in a row take an `unknown` or `up` backend
+//!   down; one pass makes an `unknown` one `up`, `rise` passes in a row bring a `down`
+//!   one back. A check of `require_healthy` counts like any other.
+//! - Passive: one signal, judged by [`Snapshot::passive_round`]: a backend is failing
+//!   if `fall` queries in a row timed out with no answer at all since they were sent,
+//!   or if more than half of at least [`LOSS_WINDOW`] decided queries (answered or
+//!   timed out) timed out. A failing backend goes down unless no other usable backend
+//!   would be left: then it stays in use and that is logged.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -17,6 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{BackendConfig, Policy};
 use crate::metrics;
+
+/// Decided queries (answered or timed out) the loss ratio is judged over.
+pub const LOSS_WINDOW: u64 = 20;
 
 /// Whether new queries may go to a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -33,7 +50,7 @@ pub enum AdminState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
-    /// No check has completed yet: the backend is used.
+    /// Nothing decided yet (new, or its checks have not settled): the backend is used.
     Unknown = 0,
     /// Passing.
     Up = 1,
@@ -51,6 +68,18 @@ impl Health {
     }
 }
 
+/// What the passive judge keeps between rounds: the loss window (the totals when it
+/// began, and the verdict of the last full one), and whether "kept up" was logged
+/// for the current failing spell (it is logged once per spell).
+#[derive(Debug, Default)]
+struct Window {
+    answers: u64,
+    timeouts: u64,
+    /// Why the last full window failed, if it lost more than half of its queries.
+    lossy: Option<String>,
+    kept_up_logged: bool,
+}
+
 /// The mutable, shared side of one backend.
 pub struct BackendRuntime {
     /// Name (unique in a snapshot).
@@ -62,8 +91,9 @@ pub struct BackendRuntime {
     passes: AtomicU32,
     /// Consecutive failed checks.
     failures: AtomicU32,
-    /// Consecutive query timeouts (the passive signal); any answer resets it.
-    timeouts_in_a_row: AtomicU32,
+    /// Query timeouts in a row with no answer since each was sent (the passive
+    /// signal's "silent" half); any answer, to a query or a check, resets it.
+    silent_timeouts: AtomicU32,
     /// When this runtime was made: the origin of `last_answer_ms`.
     born: Instant,
     /// Milliseconds from `born` to the latest answer, plus one (0: none yet).
@@ -73,9 +103,9 @@ pub struct BackendRuntime {
     /// Answers received (any RCODE).
     answers: AtomicU64,
     timeouts: AtomicU64,
-    /// `(answers, timeouts)` when the health loop last looked (see `lost_most`).
-    last_round: Mutex<(u64, u64)>,
-    /// Metric handles.
+    /// The passive judge's state (see [`Window`]); only the health loop takes it.
+    window: Mutex<Window>,
+    /// Per-backend metric series.
     pub metrics: metrics::Backend,
 }
 
@@ -92,24 +122,35 @@ impl std::fmt::Debug for BackendRuntime {
 impl BackendRuntime {
     /// A fresh runtime: health unknown, counters zero.
     pub fn new(name: &str, address: SocketAddr) -> Self {
-        let m = metrics::Backend::new(name);
-        m.up.set(1.0);
         BackendRuntime {
             name: name.to_string(),
             address,
             health: AtomicU8::new(Health::Unknown as u8),
             passes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
-            timeouts_in_a_row: AtomicU32::new(0),
+            silent_timeouts: AtomicU32::new(0),
             born: Instant::now(),
             last_answer_ms: AtomicU64::new(0),
             outstanding: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             answers: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
-            last_round: Mutex::new((0, 0)),
-            metrics: m,
+            window: Mutex::new(Window::default()),
+            metrics: metrics::Backend::default(),
         }
+    }
+
+    /// A fresh runtime for `name` that takes over the health of `from`, the runtime
+    /// of the backend at the same address under another name (counters start at zero).
+    fn inheriting(name: &str, from: &BackendRuntime) -> Self {
+        let rt = BackendRuntime::new(name, from.address);
+        rt.health
+            .store(from.health.load(Ordering::Relaxed), Ordering::Relaxed);
+        rt.passes
+            .store(from.passes.load(Ordering::Relaxed), Ordering::Relaxed);
+        rt.failures
+            .store(from.failures.load(Ordering::Relaxed), Ordering::Relaxed);
+        rt
     }
 
     /// Current health.
@@ -124,12 +165,16 @@ impl BackendRuntime {
         self.outstanding.load(Ordering::Relaxed)
     }
 
-    /// Copies the counters the hot path keeps as plain atomics (queries, in flight)
-    /// into their metric handles; run before `/metrics` is rendered, so the data
-    /// plane does not touch the metrics registry for them per query.
-    pub fn sync_metrics(&self) {
-        self.metrics.queries.absolute(self.queries_total());
-        self.metrics.outstanding.set(self.outstanding() as f64);
+    /// What `/metrics` shows of it.
+    pub fn sample(&self) -> metrics::BackendSample<'_> {
+        metrics::BackendSample {
+            name: &self.name,
+            queries: self.queries_total(),
+            timeouts: self.timeouts_total(),
+            outstanding: self.outstanding(),
+            up: self.health() != Health::Down,
+            series: &self.metrics,
+        }
     }
 
     /// Queries forwarded since the backend joined.
@@ -159,16 +204,18 @@ impl BackendRuntime {
     pub fn on_response(&self, rcode: u8, sent: Instant, now: Instant) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.answers.fetch_add(1, Ordering::Relaxed);
-        self.metrics.response(rcode);
         self.metrics
-            .latency
-            .record(now.saturating_duration_since(sent).as_secs_f64());
-        // Passive signal: an answer ends a streak of timeouts (and only that: failed
-        // health checks keep counting). Read first so the common case does not write
-        // a shared cache line: the time of the latest answer is written at most once a
-        // millisecond.
-        if self.timeouts_in_a_row.load(Ordering::Relaxed) != 0 {
-            self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+            .response(rcode, now.saturating_duration_since(sent));
+        self.answered(now);
+    }
+
+    /// An answer (to a query or a check) came at `now`: it ends a silent streak.
+    /// Read first so the common case does not write a shared cache line: the time of
+    /// the latest answer is written at most once a millisecond.
+    #[inline]
+    fn answered(&self, now: Instant) {
+        if self.silent_timeouts.load(Ordering::Relaxed) != 0 {
+            self.silent_timeouts.store(0, Ordering::Relaxed);
         }
         let ms = self.ms(now);
         if self.last_answer_ms.load(Ordering::Relaxed) < ms {
@@ -177,47 +224,18 @@ impl BackendRuntime {
     }
 
     /// A query sent at `sent` was given up (timeout, or the connection carrying it
-    /// died). Counts as a passive health failure unless the backend has answered since
-    /// `sent`: a datagram lost now and then (a backend's full receive buffer during a
-    /// stall) says nothing about a backend that keeps answering, and the timeout sweep
-    /// would otherwise find such losses "in a row" however many answers came between
-    /// them. `fall` timeouts in a row with no answer since mark the backend down.
-    pub fn on_timeout(&self, sent: Instant, fall: u32) {
+    /// died). It counts toward the silent streak only if the backend has not answered
+    /// since `sent`: a datagram lost now and then (a backend's full receive buffer
+    /// during a stall) says nothing about a backend that keeps answering, and the
+    /// timeout sweep would otherwise find such losses "in a row" however many answers
+    /// came between them. Health is judged by [`Snapshot::passive_round`], not here.
+    pub fn on_timeout(&self, sent: Instant) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.timeouts.fetch_add(1, Ordering::Relaxed);
-        self.metrics.timeouts.increment(1);
         if self.last_answer_ms.load(Ordering::Relaxed) > self.ms(sent) {
             return;
         }
-        self.passes.store(0, Ordering::Relaxed);
-        let n = self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= fall && self.health() != Health::Down {
-            self.set_health(Health::Down, &format!("{n} query timeouts in a row"));
-        }
-    }
-
-    /// The passive signal's second rule (see [`Snapshot::loss_round`]): whether, since
-    /// the last call, at least `fall` queries timed out and they are more than half of
-    /// the queries whose fate was decided (answered or timed out). Returns why, if so
-    /// and the backend is not down already.
-    fn lost_most(&self, fall: u32) -> Option<String> {
-        let (answers, timeouts) = (
-            self.answers.load(Ordering::Relaxed),
-            self.timeouts.load(Ordering::Relaxed),
-        );
-        let (answered, timed_out) = {
-            let mut last = self.last_round.lock().unwrap_or_else(|e| e.into_inner());
-            let d = (answers - last.0, timeouts - last.1);
-            *last = (answers, timeouts);
-            d
-        };
-        (timed_out >= u64::from(fall) && timed_out > answered && self.health() != Health::Down)
-            .then(|| {
-                format!(
-                    "{timed_out} of {} queries timed out since the last check",
-                    timed_out + answered
-                )
-            })
+        self.silent_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A query was abandoned without charging the backend (it was never sent).
@@ -225,44 +243,90 @@ impl BackendRuntime {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// A health check passed. The first completed check decides at once; after that,
-    /// `rise` passes in a row bring a down backend up.
+    /// Why the passive signal says this backend is failing, if it does: `fall`
+    /// silent timeouts in a row, or the last full loss window lost most of its
+    /// queries. Closes the loss window if it holds [`LOSS_WINDOW`] decided queries.
+    fn passive_failing(&self, fall: u32) -> Option<String> {
+        let (answers, timeouts) = (
+            self.answers.load(Ordering::Relaxed),
+            self.timeouts.load(Ordering::Relaxed),
+        );
+        let lossy = {
+            let mut w = self.window();
+            let (answered, timed_out) = (answers - w.answers, timeouts - w.timeouts);
+            if answered + timed_out >= LOSS_WINDOW {
+                w.lossy = (timed_out > answered).then(|| {
+                    format!(
+                        "{timed_out} of the last {} queries timed out",
+                        timed_out + answered
+                    )
+                });
+                (w.answers, w.timeouts) = (answers, timeouts);
+            }
+            w.lossy.clone()
+        };
+        let silent = self.silent_timeouts.load(Ordering::Relaxed);
+        if silent >= fall {
+            return Some(format!(
+                "{silent} query timeouts in a row with no answer since"
+            ));
+        }
+        lossy
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the passive signal (after the backend changed health): a backend that
+    /// checks bring back starts with a clean slate, and one just taken down is not
+    /// judged again on the same queries.
+    fn reset_passive(&self) {
+        let mut w = self.window();
+        w.answers = self.answers.load(Ordering::Relaxed);
+        w.timeouts = self.timeouts.load(Ordering::Relaxed);
+        w.lossy = None;
+        w.kept_up_logged = false;
+        self.silent_timeouts.store(0, Ordering::Relaxed);
+    }
+
+    /// A health check passed: one makes an `unknown` backend `up`, `rise` in a row
+    /// bring a `down` one back.
     pub fn record_pass(&self, rise: u32) {
+        self.metrics.check(true);
         self.failures.store(0, Ordering::Relaxed);
-        self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        self.silent_timeouts.store(0, Ordering::Relaxed);
         let passes = self.passes.fetch_add(1, Ordering::Relaxed) + 1;
-        let target = match self.health() {
+        let up = match self.health() {
             Health::Unknown => true,
             Health::Down => passes >= rise,
             Health::Up => false,
         };
-        if target {
+        if up {
+            if self.health() == Health::Down {
+                self.reset_passive();
+            }
             self.set_health(Health::Up, "health check passed");
         }
     }
 
-    /// A health check failed. The first completed check decides at once; after that
-    /// `fall` failed checks in a row take an up backend down.
+    /// A health check failed: `fall` in a row take an `up` or `unknown` backend down.
     pub fn record_failure(&self, fall: u32, why: &str) {
+        self.metrics.check(false);
         self.passes.store(0, Ordering::Relaxed);
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let down = match self.health() {
-            Health::Unknown => true,
-            Health::Up => failures >= fall,
-            Health::Down => false,
-        };
-        if down {
-            self.set_health(Health::Down, why);
+        if failures >= fall && self.health() != Health::Down {
+            self.set_health(
+                Health::Down,
+                &format!("{failures} health checks failed in a row, the last: {why}"),
+            );
         }
     }
 
-    /// Sets health; logs and updates the gauge only on an actual change, once.
+    /// Sets health; logs only on an actual change, once.
     pub fn set_health(&self, to: Health, why: &str) {
         let from = self.health.swap(to as u8, Ordering::AcqRel);
         if from != to as u8 {
-            self.metrics
-                .up
-                .set(if to == Health::Down { 0.0 } else { 1.0 });
             tracing::warn!(
                 backend = %self.name,
                 address = %self.address,
@@ -303,33 +367,39 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The passive signal's second rule, run by the health loop once per round. A
-    /// backend that loses most of its queries while answering some never builds a
-    /// streak of timeouts (each answer ends it), so: a backend that lost at least
-    /// `fall` queries since the last round, and more than half of those decided, goes
-    /// down. One that loses a burst now and then (a stall) is not affected. Unless no
-    /// usable backend would be left: when every backend loses most of its queries
-    /// alike (an overload), SERVFAIL for every client would be worse than the answers
-    /// that still get through, so they stay up and this is logged.
-    pub fn loss_round(&self, fall: u32) {
+    /// Applies the passive signal (see the module doc), run by the health loop a few
+    /// times a second. Every backend the signal says is failing goes down, unless no
+    /// usable backend would be left: when every backend fails alike (an overload that
+    /// makes them all lose most queries, or a single backend that stopped answering
+    /// queries but still answers checks), SERVFAIL for every client would be worse
+    /// than the answers that still get through, so they stay in use and this is
+    /// logged once per failing spell.
+    pub fn passive_round(&self, fall: u32) {
         // One verdict per entry, in entry order.
-        let lossy: Vec<Option<String>> = self
+        let failing: Vec<Option<String>> = self
             .entries
             .iter()
-            .map(|e| e.runtime.lost_most(fall))
+            .map(|e| e.runtime.passive_failing(fall))
             .collect();
         let others_usable = self
             .entries
             .iter()
-            .zip(&lossy)
+            .zip(&failing)
             .any(|(e, why)| why.is_none() && e.usable());
-        for (e, why) in self.entries.iter().zip(lossy) {
-            let Some(why) = why else { continue };
+        for (e, why) in self.entries.iter().zip(failing) {
             let rt = &e.runtime;
+            let Some(why) = why else {
+                rt.window().kept_up_logged = false;
+                continue;
+            };
+            if rt.health() == Health::Down {
+                continue;
+            }
             if others_usable {
                 rt.passes.store(0, Ordering::Relaxed);
                 rt.set_health(Health::Down, &why);
-            } else {
+                rt.reset_passive();
+            } else if !std::mem::replace(&mut rt.window().kept_up_logged, true) {
                 tracing::warn!(
                     backend = %rt.name,
                     address = %rt.address,
@@ -444,11 +514,10 @@ impl Snapshot {
         self.entries.iter().find(|e| e.spec.name == name)
     }
 
-    /// True when at least one active backend is up (what /healthz reports).
-    pub fn any_active_up(&self) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.state == AdminState::Active && e.runtime.health() == Health::Up)
+    /// True when at least one backend is usable: active and up or unknown, as
+    /// routing sees it (what /healthz reports).
+    pub fn any_usable(&self) -> bool {
+        self.entries.iter().any(Entry::usable)
     }
 }
 
@@ -566,16 +635,23 @@ fn check(members: &[Member]) -> Result<(), SetError> {
 }
 
 /// Builds a snapshot, reusing the runtime of every member that keeps its name and
-/// address.
+/// address; a member new by name at an address the set had gets a fresh runtime with
+/// the health of the runtime there (a rollout renames `ns1-next` to `ns1`).
 fn build(generation: u64, members: &[Member], prev: &Snapshot) -> Snapshot {
     let entries = members
         .iter()
         .map(|m| {
-            let runtime = prev
-                .get(&m.spec.name)
-                .filter(|e| e.spec.address == m.spec.address)
-                .map(|e| e.runtime.clone())
-                .unwrap_or_else(|| Arc::new(BackendRuntime::new(&m.spec.name, m.spec.address)));
+            let (name, address) = (&m.spec.name, m.spec.address);
+            let same = prev.get(name).filter(|e| e.spec.address == address);
+            let runtime = match same {
+                Some(e) => e.runtime.clone(),
+                None => Arc::new(
+                    match prev.entries.iter().find(|e| e.spec.address == address) {
+                        Some(e) => BackendRuntime::inheriting(name, &e.runtime),
+                        None => BackendRuntime::new(name, address),
+                    },
+                ),
+            };
             Entry {
                 spec: m.spec.clone(),
                 state: m.state,
@@ -740,29 +816,83 @@ mod tests {
         assert_eq!(set.load().generation, 8);
     }
 
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// A set of `n` backends, every one up.
+    fn up_set(n: u16) -> BackendSet {
+        let members: Vec<_> = (1..=n).map(|i| member(&format!("b{i}"), i, 1)).collect();
+        let set = BackendSet::new(1, &members).unwrap();
+        for e in &set.load().entries {
+            e.runtime.record_pass(2);
+            assert_eq!(e.runtime.health(), Health::Up);
+        }
+        set
+    }
+
+    /// `n` queries to `rt` that time out with no answer since they were sent.
+    fn silent(rt: &BackendRuntime, n: usize) {
+        let later = Instant::now() + std::time::Duration::from_millis(5);
+        for _ in 0..n {
+            rt.on_forward();
+            rt.on_timeout(later);
+        }
+    }
+
     #[test]
-    fn passive_timeouts_take_a_backend_down_after_fall() {
-        let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
+    fn a_new_backend_needs_fall_failed_checks_to_go_down_like_an_up_one() {
+        let rt = BackendRuntime::new("t", addr(1));
+        rt.record_failure(3, "lost");
+        rt.record_failure(3, "lost");
+        assert_eq!(
+            rt.health(),
+            Health::Unknown,
+            "two lost checks decide nothing"
+        );
+        rt.record_pass(2);
+        assert_eq!(rt.health(), Health::Up, "one pass makes it up");
+        rt.record_failure(3, "lost");
+        rt.record_failure(3, "lost");
+        assert_eq!(rt.health(), Health::Up);
+        rt.record_failure(3, "lost");
+        assert_eq!(rt.health(), Health::Down);
+        // `rise` passes in a row bring it back; a failure between restarts the count.
+        rt.record_pass(2);
+        rt.record_failure(3, "lost");
+        rt.record_pass(2);
+        assert_eq!(rt.health(), Health::Down);
         rt.record_pass(2);
         assert_eq!(rt.health(), Health::Up);
-        // It answered once, then went silent: three queries sent after that answer
-        // time out.
+        // Never checked, `fall` failures take a new one down.
+        let fresh = BackendRuntime::new("f", addr(2));
+        for _ in 0..3 {
+            fresh.record_failure(3, "refused");
+        }
+        assert_eq!(fresh.health(), Health::Down);
+    }
+
+    #[test]
+    fn fall_silent_timeouts_take_a_backend_down_when_another_is_usable() {
+        let set = up_set(2);
+        let snap = set.load();
+        let rt = &snap.entries[0].runtime;
+        // It answered once, then went silent: queries sent after that answer time out.
         let t0 = Instant::now();
         rt.on_forward();
         rt.on_response(0, t0, t0);
-        let later = t0 + std::time::Duration::from_millis(5);
-        for _ in 0..3 {
-            rt.on_forward();
-        }
-        rt.on_timeout(later, 3);
-        rt.on_timeout(later, 3);
+        silent(rt, 2);
+        snap.passive_round(3);
         assert_eq!(rt.health(), Health::Up);
-        rt.on_timeout(later, 3);
+        silent(rt, 1);
+        snap.passive_round(3);
         assert_eq!(rt.health(), Health::Down);
+        assert_eq!(snap.entries[1].runtime.health(), Health::Up);
         assert_eq!(rt.timeouts_total(), 3);
+        // Checks bring it back, with a clean passive slate.
         rt.record_pass(2);
-        assert_eq!(rt.health(), Health::Down);
         rt.record_pass(2);
+        snap.passive_round(3);
         assert_eq!(rt.health(), Health::Up);
     }
 
@@ -771,16 +901,18 @@ mod tests {
         // A backend that keeps answering but lost a burst of datagrams (its receive
         // buffer overflowed during a stall): the sweep finds the lost queries at once,
         // yet answers to later queries came back in between. It stays up.
-        let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
-        rt.record_pass(2);
+        let set = up_set(2);
+        let snap = set.load();
+        let rt = &snap.entries[0].runtime;
         let t0 = Instant::now();
         for _ in 0..11 {
             rt.on_forward();
         }
         rt.on_response(0, t0, t0 + std::time::Duration::from_millis(10));
         for _ in 0..10 {
-            rt.on_timeout(t0, 3);
+            rt.on_timeout(t0);
         }
+        snap.passive_round(3);
         assert_eq!(rt.health(), Health::Up);
         assert_eq!(rt.timeouts_total(), 10);
         assert_eq!(rt.outstanding(), 0);
@@ -794,7 +926,7 @@ mod tests {
         for i in 0..n {
             rt.on_forward();
             if lost(i) {
-                rt.on_timeout(t0, 3);
+                rt.on_timeout(t0);
             } else {
                 rt.on_response(0, t0, later);
             }
@@ -802,60 +934,85 @@ mod tests {
     }
 
     #[test]
-    fn losing_most_queries_takes_a_backend_down_though_some_are_answered() {
-        let set = BackendSet::new(1, &[member("a", 1, 1), member("b", 2, 1)]).unwrap();
+    fn losing_most_of_a_window_takes_a_backend_down_though_some_are_answered() {
+        let set = up_set(2);
         let snap = set.load();
         let (a, b) = (&snap.entries[0].runtime, &snap.entries[1].runtime);
-        a.record_pass(2);
-        b.record_pass(2);
         // 1 % lost: stays up.
         traffic(a, 100, |i| i == 99);
         traffic(b, 100, |_| false);
-        snap.loss_round(3);
+        snap.passive_round(3);
         assert_eq!(a.health(), Health::Up);
-        // 3 of 5 lost (never 3 in a row): down, the other stays up.
-        traffic(a, 5, |i| i % 2 == 0);
-        traffic(b, 5, |_| false);
+        // 3 of every 5 lost (never 3 in a row), but fewer queries than a window: no
+        // verdict yet.
+        let window = LOSS_WINDOW as usize;
+        traffic(a, window - 5, |i| i % 5 < 3);
+        snap.passive_round(3);
         assert_eq!(a.health(), Health::Up);
-        snap.loss_round(3);
+        // The window fills: down, the other stays up.
+        traffic(a, 5, |i| i % 5 < 3);
+        snap.passive_round(3);
         assert_eq!(a.health(), Health::Down);
         assert_eq!(b.health(), Health::Up);
-        // Only what happened since the last round counts: a quiet round changes
-        // nothing, and checks bring it back.
-        snap.loss_round(3);
+        // Checks bring it back; the window it went down for is not judged again.
         a.record_pass(2);
         a.record_pass(2);
-        snap.loss_round(3);
+        snap.passive_round(3);
         assert_eq!(a.health(), Health::Up);
     }
 
     #[test]
-    fn the_loss_rule_never_takes_down_the_last_usable_backend() {
+    fn no_passive_rule_takes_down_the_last_usable_backend() {
         // Every backend loses most of its queries alike (an overload): they stay up,
         // since SERVFAIL for everyone would be worse.
-        let set = BackendSet::new(1, &[member("a", 1, 1), member("b", 2, 1)]).unwrap();
+        let set = up_set(2);
         let snap = set.load();
         for e in &snap.entries {
-            e.runtime.record_pass(2);
-            traffic(&e.runtime, 5, |i| i % 2 == 0);
+            traffic(&e.runtime, LOSS_WINDOW as usize, |i| {
+                i % 2 == 0 || i % 3 == 0
+            });
         }
-        snap.loss_round(3);
+        snap.passive_round(3);
         assert!(snap
             .entries
             .iter()
             .all(|e| e.runtime.health() == Health::Up));
-        // One of them alone: the same.
-        let only = BackendSet::new(1, &[member("a", 1, 1)]).unwrap();
-        let only = only.load();
-        only.entries[0].runtime.record_pass(2);
-        traffic(&only.entries[0].runtime, 5, |i| i % 2 == 0);
-        only.loss_round(3);
-        assert_eq!(only.entries[0].runtime.health(), Health::Up);
+        // Both silent: the same.
+        for e in &snap.entries {
+            silent(&e.runtime, 5);
+        }
+        snap.passive_round(3);
+        assert!(snap
+            .entries
+            .iter()
+            .all(|e| e.runtime.health() == Health::Up));
+        // A single backend, silent or lossy, new or up: kept.
+        for checked in [false, true] {
+            let only = BackendSet::new(1, &[member("a", 1, 1)]).unwrap();
+            let only = only.load();
+            let rt = &only.entries[0].runtime;
+            if checked {
+                rt.record_pass(2);
+            }
+            silent(rt, 5);
+            only.passive_round(3);
+            traffic(rt, LOSS_WINDOW as usize, |i| i % 5 < 3);
+            only.passive_round(3);
+            assert_ne!(rt.health(), Health::Down);
+        }
+        // One other usable backend is enough, draining ones are not.
+        let mut draining = member("d", 2, 1);
+        draining.state = AdminState::Draining;
+        let set = BackendSet::new(1, &[member("a", 1, 1), draining]).unwrap();
+        let snap = set.load();
+        silent(&snap.entries[0].runtime, 5);
+        snap.passive_round(3);
+        assert_eq!(snap.entries[0].runtime.health(), Health::Unknown);
     }
 
     #[test]
     fn answers_do_not_hide_failing_health_checks() {
-        let rt = BackendRuntime::new("t", SocketAddr::from(([127, 0, 0, 1], 1)));
+        let rt = BackendRuntime::new("t", addr(1));
         rt.record_pass(2);
         for _ in 0..3 {
             rt.on_forward();
@@ -864,5 +1021,38 @@ mod tests {
             rt.record_failure(3, "test");
         }
         assert_eq!(rt.health(), Health::Down);
+    }
+
+    #[test]
+    fn health_is_carried_across_a_swap_by_address_when_the_name_changes() {
+        let set = BackendSet::new(1, &[member("ns1-next", 1, 1), member("gone", 2, 1)]).unwrap();
+        let next = set.load().entries[0].runtime.clone();
+        next.record_pass(2);
+        next.on_forward();
+        set.load().entries[1].runtime.record_pass(2);
+        for _ in 0..3 {
+            set.load().entries[1].runtime.record_failure(3, "test");
+        }
+        // The rollout renames ns1-next to ns1; "fresh" takes the address of "gone".
+        set.update(
+            |_| Ok(vec![member("ns1", 1, 1), member("fresh", 2, 1)]),
+            |_, _| Ok(()),
+        )
+        .unwrap();
+        let snap = set.load();
+        let ns1 = &snap.entries[0].runtime;
+        assert!(!Arc::ptr_eq(ns1, &next), "a new name gets its own runtime");
+        assert_eq!(ns1.name, "ns1");
+        assert_eq!(ns1.health(), Health::Up);
+        assert_eq!(ns1.queries_total(), 0, "counters start clean");
+        assert_eq!(snap.entries[1].runtime.health(), Health::Down);
+        // A new address starts unknown.
+        set.update(|_| Ok(vec![member("ns1", 9, 1)]), |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(set.load().entries[0].runtime.health(), Health::Unknown);
+        assert!(
+            set.load().any_usable(),
+            "unknown is usable, as routing sees it"
+        );
     }
 }

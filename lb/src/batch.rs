@@ -9,10 +9,10 @@
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Datagrams received (and the room for them) in one `recvmmsg`.
-pub struct RecvBatch {
+pub(crate) struct RecvBatch {
     size: usize,
     data: Vec<u8>,
     lens: Vec<usize>,
@@ -25,7 +25,7 @@ pub struct RecvBatch {
 impl RecvBatch {
     /// Room for `count` datagrams of up to `size` bytes each. Pages are only touched
     /// when a datagram lands in them, so a large `size` costs address space, not RSS.
-    pub fn new(count: usize, size: usize) -> Self {
+    pub(crate) fn new(count: usize, size: usize) -> Self {
         RecvBatch {
             size,
             data: vec![0u8; count * size],
@@ -41,7 +41,7 @@ impl RecvBatch {
 
     /// Receives up to the batch's capacity without blocking. `Ok(0)` means nothing was
     /// waiting (EAGAIN).
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    pub(crate) fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let count = self.lens.len();
         for i in 0..count {
             self.iovecs[i] = libc::iovec {
@@ -62,7 +62,7 @@ impl RecvBatch {
         // call (iovecs into `data`, names into `addrs`), with the lengths set above.
         let n = unsafe {
             libc::recvmmsg(
-                fd,
+                fd.as_raw_fd(),
                 self.hdrs.as_mut_ptr(),
                 count as libc::c_uint,
                 libc::MSG_DONTWAIT,
@@ -86,19 +86,19 @@ impl RecvBatch {
     }
 
     /// Capacity in datagrams.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.lens.len()
     }
 
     /// The first `len` bytes of datagram `i` of the last `recv`.
-    pub fn bytes(&self, i: usize, len: usize) -> &[u8] {
+    pub(crate) fn bytes(&self, i: usize, len: usize) -> &[u8] {
         let start = i * self.size;
         &self.data[start..start + len.min(self.size)]
     }
 
     /// Datagram `i` of the last `recv`: its bytes (mutable, to rewrite the ID in place),
     /// its source, and whether it was cut to fit.
-    pub fn get(&mut self, i: usize) -> (&mut [u8], Option<SocketAddr>, bool) {
+    pub(crate) fn get(&mut self, i: usize) -> (&mut [u8], Option<SocketAddr>, bool) {
         let addr = to_socket_addr(&self.addrs[i]);
         let start = i * self.size;
         let len = self.lens[i].min(self.size);
@@ -107,7 +107,7 @@ impl RecvBatch {
 }
 
 /// Scratch space for one `sendmmsg`.
-pub struct SendBatch {
+pub(crate) struct SendBatch {
     addrs: Vec<libc::sockaddr_storage>,
     lens: Vec<libc::socklen_t>,
     iovecs: Vec<libc::iovec>,
@@ -116,7 +116,7 @@ pub struct SendBatch {
 
 impl SendBatch {
     /// Room for `count` datagrams per call.
-    pub fn new(count: usize) -> Self {
+    pub(crate) fn new(count: usize) -> Self {
         SendBatch {
             // SAFETY: as in `RecvBatch::new`, all-zero C structs.
             addrs: (0..count).map(|_| unsafe { zeroed() }).collect(),
@@ -131,9 +131,9 @@ impl SendBatch {
     /// for each one that was not sent (UDP: the caller counts it as dropped). A
     /// destination the kernel refuses (no route, filtered) costs only its own
     /// datagram; a full socket buffer drops the rest of the batch.
-    pub fn send<'a>(
+    pub(crate) fn send<'a>(
         &mut self,
-        fd: RawFd,
+        fd: BorrowedFd<'_>,
         count: usize,
         packet: impl Fn(usize) -> (SocketAddr, &'a [u8]),
         mut failed: impl FnMut(usize),
@@ -163,7 +163,7 @@ impl SendBatch {
             // the kernel only reads from them.
             let n = unsafe {
                 libc::sendmmsg(
-                    fd,
+                    fd.as_raw_fd(),
                     self.hdrs.as_mut_ptr(),
                     chunk as libc::c_uint,
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
@@ -196,20 +196,20 @@ impl SendBatch {
 /// listener, whose sends never wait. [`Poller::add_stream`] registers a TCP stream for
 /// both directions, edge-triggered: its owner reads until a short read and writes
 /// until the socket is full, and hears of it again only when something changes.
-pub struct Poller {
+pub(crate) struct Poller {
     epoll: OwnedFd,
     events: Vec<libc::epoll_event>,
 }
 
 impl Poller {
     /// A new, empty epoll instance that reports up to 16 ready descriptors per wait.
-    pub fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         Self::with_capacity(16)
     }
 
     /// A new, empty epoll instance that reports up to `events` ready descriptors per
     /// wait.
-    pub fn with_capacity(events: usize) -> io::Result<Self> {
+    pub(crate) fn with_capacity(events: usize) -> io::Result<Self> {
         // SAFETY: plain system call; the result is checked before use.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -225,7 +225,7 @@ impl Poller {
 
     /// Wakes `wait` with `token` whenever `fd` is readable. The caller keeps `fd` open
     /// while it is registered.
-    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: token,
@@ -236,7 +236,7 @@ impl Poller {
     /// Wakes `wait` with `token` whenever `fd` becomes readable or writable, or is
     /// closed by its peer (edge-triggered). The caller keeps `fd` open while it is
     /// registered; closing it unregisters it.
-    pub fn add_stream(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub(crate) fn add_stream(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: token,
@@ -245,14 +245,14 @@ impl Poller {
     }
 
     /// Stops watching `fd`.
-    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+    pub(crate) fn remove(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         // EPOLL_CTL_DEL ignores the event pointer (null is allowed since 2.6.9).
         self.ctl(libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut())
     }
 
-    fn ctl(&self, op: i32, fd: RawFd, ev: *mut libc::epoll_event) -> io::Result<()> {
+    fn ctl(&self, op: i32, fd: BorrowedFd<'_>, ev: *mut libc::epoll_event) -> io::Result<()> {
         // SAFETY: `ev` is null (DEL) or points to an epoll_event that outlives the call.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, ev) } < 0 {
+        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd.as_raw_fd(), ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -261,7 +261,11 @@ impl Poller {
     /// Sleeps until a registered descriptor is ready or `timeout` passes; appends
     /// the tokens of the ready ones to `ready` (cleared first). A signal counts as a
     /// timeout.
-    pub fn wait(&mut self, ready: &mut Vec<u64>, timeout: std::time::Duration) -> io::Result<()> {
+    pub(crate) fn wait(
+        &mut self,
+        ready: &mut Vec<u64>,
+        timeout: std::time::Duration,
+    ) -> io::Result<()> {
         ready.clear();
         let events = self.wait_raw(timeout)?;
         ready.extend(events.iter().map(|e| e.u64));
@@ -269,7 +273,7 @@ impl Poller {
     }
 
     /// As [`Poller::wait`], with each token the `EPOLL*` flags it was reported with.
-    pub fn wait_events(
+    pub(crate) fn wait_events(
         &mut self,
         ready: &mut Vec<(u64, u32)>,
         timeout: std::time::Duration,
@@ -362,7 +366,7 @@ fn from_socket_addr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
 
     #[test]
     fn a_batch_round_trips_many_datagrams_with_their_sources() {
@@ -374,7 +378,7 @@ mod tests {
         let mut send = SendBatch::new(8);
         let mut failed = Vec::new();
         send.send(
-            tx.as_raw_fd(),
+            tx.as_fd(),
             payloads.len(),
             |k| (to, payloads[k].as_slice()),
             |k| failed.push(k),
@@ -383,7 +387,7 @@ mod tests {
         let mut recv = RecvBatch::new(16, 64);
         let mut got = Vec::new();
         loop {
-            let n = recv.recv(rx.as_raw_fd()).unwrap();
+            let n = recv.recv(rx.as_fd()).unwrap();
             if n == 0 {
                 break;
             }
@@ -410,14 +414,14 @@ mod tests {
         let mut send = SendBatch::new(8);
         let mut failed = Vec::new();
         send.send(
-            tx.as_raw_fd(),
+            tx.as_fd(),
             to.len(),
             |k| (to[k], &payloads[k][..]),
             |k| failed.push(k),
         );
         assert_eq!(failed, vec![1, 3]);
         let mut recv = RecvBatch::new(8, 64);
-        let n = recv.recv(rx.as_raw_fd()).unwrap();
+        let n = recv.recv(rx.as_fd()).unwrap();
         let firsts: Vec<u8> = (0..n).map(|i| recv.get(i).0[0]).collect();
         assert_eq!(firsts, vec![0, 2, 4]);
     }
@@ -429,7 +433,7 @@ mod tests {
         tx.send_to(&[7u8; 100], rx.local_addr().unwrap()).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut recv = RecvBatch::new(2, 32);
-        assert_eq!(recv.recv(rx.as_raw_fd()).unwrap(), 1);
+        assert_eq!(recv.recv(rx.as_fd()).unwrap(), 1);
         let (bytes, _, cut) = recv.get(0);
         assert!(cut && bytes.len() == 32);
     }

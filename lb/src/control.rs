@@ -1,7 +1,7 @@
 //! How the server tells a worker thread (UDP or TCP) to drain or stop.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -47,8 +47,8 @@ impl Control {
     }
 
     /// The descriptor that becomes readable when the state is raised.
-    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
-        self.wake.as_raw_fd()
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
     }
 
     /// Consumes the wake-ups (the state itself stays raised).

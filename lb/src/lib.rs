@@ -6,30 +6,38 @@
 //! - [`packet`] — DNS wire-format helpers for the hot path (header, question key,
 //!   SERVFAIL); never allocates.
 //! - [`backends`] — the backend set (one `ArcSwap<Snapshot>`, serialized writers),
-//!   per-backend runtime (health, in-flight counts) and the selection policies.
-//! - `udp` — the UDP path: per-worker sockets and the in-flight ID table.
-//! - [`batch`] — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
-//! - `tcp` — the TCP path (RFC 7766): pipelined client connections, pooled backend
-//!   connections.
-//! - [`health`] — active health checks.
+//!   per-backend runtime (health, in-flight counts), the one health model (active
+//!   checks and the passive signal) and the selection policies.
+//! - [`shared`] — run-time state every worker, the health checker and the admin API
+//!   share: the backend set, the SIGHUP tunables, where the set is persisted.
+//! - [`health`] — active health checks, and the round that applies passive health.
 //! - [`admin`] — the HTTP admin API and `/metrics`.
 //! - [`api`] — the admin API's request and response bodies, shared with clients
 //!   (the deployer).
-//! - [`metrics`] — metric names and handles.
+//! - `udp` — the UDP path: per-worker sockets and the in-flight ID table.
+//! - `tcp` — the TCP path (RFC 7766): pipelined client connections, pooled backend
+//!   connections.
+//! - `batch` — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
+//! - `control` — how the server tells a worker thread to drain or stop.
+//! - [`metrics`] — metric names and handles, and the per-backend series.
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker), or taking
 //!   passed ones.
 //! - [`handover`] — sockets passed between processes: socket activation
 //!   (`sd_listen_fds`) and the SIGUSR2 upgrade.
-//! - [`server`] — start-up, worker threads, reload and graceful shutdown.
-//! - `control` — how the server tells a worker thread to drain or stop.
+//! - [`server`] — start-up (worker threads, health checker, admin API), the SIGHUP
+//!   entry point and graceful shutdown; nothing else imports it.
 //! - [`systemd`] — `sd_notify`.
+//!
+//! Modules form a DAG: `config`/`packet` → `metrics` → `backends` → `shared` →
+//! `health`/`admin` → `udp`/`tcp` → `server`; `api` sits beside `backends`, and
+//! `sockets`/`handover` below `server`.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod api;
 pub mod backends;
-pub mod batch;
+mod batch;
 pub mod config;
 mod control;
 pub mod handover;
@@ -37,6 +45,7 @@ pub mod health;
 pub mod metrics;
 pub mod packet;
 pub mod server;
+pub mod shared;
 pub mod sockets;
 pub mod state;
 pub mod systemd;

@@ -1,11 +1,14 @@
-//! Prometheus metrics: every metric name as a `pub const`, handles created once (per
-//! process or per backend), never per packet. Tests scrape `/metrics` and assert on
-//! these same constants.
+//! Prometheus metrics: every metric name as a `pub const`, handles created once, never
+//! per packet. Process-wide series live in the `metrics` registry; per-backend series
+//! are atomics in each backend's runtime, rendered for the backends of the current set
+//! only. Tests scrape `/metrics` and assert on these same constants.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::packet::Drop;
 
@@ -43,14 +46,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let buckets = [
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5,
-            ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(BACKEND_LATENCY.into()), &buckets)
-                .expect("non-empty buckets")
-                .build_recorder();
+            let recorder = PrometheusBuilder::new().build_recorder();
             let handle = recorder.handle();
             // A test binary may have installed a recorder already; then we keep ours
             // for rendering only.
@@ -116,24 +112,28 @@ impl Default for DataPlane {
     }
 }
 
-/// Per-backend handles, created when a backend joins the set.
+/// Upper bounds (seconds) of the latency histogram's buckets.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The per-backend counters the data plane and the health checker update: plain
+/// atomics owned by the backend's runtime, not registry handles. `/metrics` renders
+/// the series of the backends in the current set from them ([`render_backends`]), so
+/// a backend that leaves the set leaves `/metrics` with it, and a name added again
+/// starts from zero with its new runtime.
+#[derive(Default)]
 pub struct Backend {
-    /// Forwarded queries.
-    pub queries: Counter,
     /// Responses by RCODE 0..=5, then "other".
-    responses: [Counter; 7],
-    /// Timed-out queries.
-    pub timeouts: Counter,
-    /// In flight now.
-    pub outstanding: Gauge,
-    /// 1 usable, 0 down.
-    pub up: Gauge,
-    /// Round-trip latency.
-    pub latency: Histogram,
+    responses: [AtomicU64; 7],
+    /// Latency: answers per bucket (not cumulative), the last one above every bound.
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Latency: sum in nanoseconds.
+    latency_ns: AtomicU64,
     /// Health checks passed.
-    pub checks_pass: Counter,
+    checks_pass: AtomicU64,
     /// Health checks failed.
-    pub checks_fail: Counter,
+    checks_fail: AtomicU64,
 }
 
 const RCODES: [&str; 7] = [
@@ -141,26 +141,173 @@ const RCODES: [&str; 7] = [
 ];
 
 impl Backend {
-    /// Registers the handles of backend `name`.
-    pub fn new(name: &str) -> Self {
-        let n = name.to_string();
-        Backend {
-            queries: metrics::counter!(BACKEND_QUERIES, "backend" => n.clone()),
-            responses: RCODES.map(
-                |r| metrics::counter!(BACKEND_RESPONSES, "backend" => n.clone(), "rcode" => r),
-            ),
-            timeouts: metrics::counter!(BACKEND_TIMEOUTS, "backend" => n.clone()),
-            outstanding: metrics::gauge!(BACKEND_OUTSTANDING, "backend" => n.clone()),
-            up: metrics::gauge!(BACKEND_UP, "backend" => n.clone()),
-            latency: metrics::histogram!(BACKEND_LATENCY, "backend" => n.clone()),
-            checks_pass: metrics::counter!(HEALTH_CHECKS, "backend" => n.clone(), "result" => "pass"),
-            checks_fail: metrics::counter!(HEALTH_CHECKS, "backend" => n, "result" => "fail"),
-        }
+    /// Counts a response by RCODE, and its round-trip time.
+    #[inline]
+    pub fn response(&self, rcode: u8, rtt: Duration) {
+        self.responses[usize::from(rcode).min(6)].fetch_add(1, Ordering::Relaxed);
+        let secs = rtt.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_ns
+            .fetch_add(rtt.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Counts a response by RCODE.
-    #[inline]
-    pub fn response(&self, rcode: u8) {
-        self.responses[usize::from(rcode).min(6)].increment(1);
+    /// Counts a health check.
+    pub fn check(&self, passed: bool) {
+        let c = if passed {
+            &self.checks_pass
+        } else {
+            &self.checks_fail
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What `/metrics` shows of one backend: the counters its runtime keeps itself, and
+/// its [`Backend`] series.
+pub struct BackendSample<'a> {
+    /// The `backend` label.
+    pub name: &'a str,
+    /// Queries forwarded.
+    pub queries: u64,
+    /// Queries timed out.
+    pub timeouts: u64,
+    /// Queries in flight.
+    pub outstanding: u64,
+    /// Usable (up or unknown).
+    pub up: bool,
+    /// The rest.
+    pub series: &'a Backend,
+}
+
+/// Appends the per-backend metric families, in Prometheus text format, for `rows`.
+pub fn render_backends(out: &mut String, rows: &[BackendSample<'_>]) {
+    use std::fmt::Write;
+    let family =
+        |out: &mut String, name: &str, kind: &str, f: &dyn Fn(&mut String, &BackendSample<'_>)| {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for r in rows {
+                f(out, r);
+            }
+            out.push('\n');
+        };
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    family(out, BACKEND_QUERIES, "counter", &|out, r| {
+        let _ = writeln!(
+            out,
+            "{BACKEND_QUERIES}{{backend=\"{}\"}} {}",
+            r.name, r.queries
+        );
+    });
+    family(out, BACKEND_RESPONSES, "counter", &|out, r| {
+        for (code, n) in RCODES.iter().zip(&r.series.responses) {
+            let _ = writeln!(
+                out,
+                "{BACKEND_RESPONSES}{{backend=\"{}\",rcode=\"{code}\"}} {}",
+                r.name,
+                load(n)
+            );
+        }
+    });
+    family(out, BACKEND_TIMEOUTS, "counter", &|out, r| {
+        let _ = writeln!(
+            out,
+            "{BACKEND_TIMEOUTS}{{backend=\"{}\"}} {}",
+            r.name, r.timeouts
+        );
+    });
+    family(out, BACKEND_OUTSTANDING, "gauge", &|out, r| {
+        let _ = writeln!(
+            out,
+            "{BACKEND_OUTSTANDING}{{backend=\"{}\"}} {}",
+            r.name, r.outstanding
+        );
+    });
+    family(out, BACKEND_UP, "gauge", &|out, r| {
+        let _ = writeln!(
+            out,
+            "{BACKEND_UP}{{backend=\"{}\"}} {}",
+            r.name,
+            u8::from(r.up)
+        );
+    });
+    family(out, BACKEND_LATENCY, "histogram", &|out, r| {
+        let mut cumulative = 0;
+        for (i, n) in r.series.latency.iter().enumerate() {
+            cumulative += load(n);
+            let le = LATENCY_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "{BACKEND_LATENCY}_bucket{{backend=\"{}\",le=\"{le}\"}} {cumulative}",
+                r.name
+            );
+        }
+        let sum = load(&r.series.latency_ns) as f64 / 1e9;
+        let _ = writeln!(out, "{BACKEND_LATENCY}_sum{{backend=\"{}\"}} {sum}", r.name);
+        let _ = writeln!(
+            out,
+            "{BACKEND_LATENCY}_count{{backend=\"{}\"}} {cumulative}",
+            r.name
+        );
+    });
+    family(out, HEALTH_CHECKS, "counter", &|out, r| {
+        for (result, n) in [
+            ("pass", &r.series.checks_pass),
+            ("fail", &r.series.checks_fail),
+        ] {
+            let _ = writeln!(
+                out,
+                "{HEALTH_CHECKS}{{backend=\"{}\",result=\"{result}\"}} {}",
+                r.name,
+                load(n)
+            );
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_series_render_as_prometheus_text() {
+        let b = Backend::default();
+        b.response(0, Duration::from_micros(300));
+        b.response(3, Duration::from_secs(9));
+        b.check(true);
+        let mut out = String::new();
+        render_backends(
+            &mut out,
+            &[BackendSample {
+                name: "ns1",
+                queries: 3,
+                timeouts: 1,
+                outstanding: 0,
+                up: true,
+                series: &b,
+            }],
+        );
+        for line in [
+            "# TYPE dnslb_backend_latency_seconds histogram",
+            "dnslb_backend_queries_total{backend=\"ns1\"} 3",
+            "dnslb_backend_responses_total{backend=\"ns1\",rcode=\"NXDOMAIN\"} 1",
+            "dnslb_backend_up{backend=\"ns1\"} 1",
+            "dnslb_backend_latency_seconds_bucket{backend=\"ns1\",le=\"0.00025\"} 0",
+            "dnslb_backend_latency_seconds_bucket{backend=\"ns1\",le=\"0.0005\"} 1",
+            "dnslb_backend_latency_seconds_bucket{backend=\"ns1\",le=\"+Inf\"} 2",
+            "dnslb_backend_latency_seconds_count{backend=\"ns1\"} 2",
+            "dnslb_health_checks_total{backend=\"ns1\",result=\"pass\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
+        }
+        // Nothing to render: only the family headers.
+        let mut empty = String::new();
+        render_backends(&mut empty, &[]);
+        assert!(!empty.contains("ns1"));
     }
 }

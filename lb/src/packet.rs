@@ -9,6 +9,14 @@ pub const HEADER_LEN: usize = 12;
 pub const MAX_MESSAGE: usize = 65535;
 /// RCODE 2.
 pub const RCODE_SERVFAIL: u8 = 2;
+/// The UDP payload size dnslb's own answers advertise in their OPT record (the DNS
+/// flag day 2020 value).
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// RR type of the EDNS OPT pseudo-record.
+const TYPE_OPT: u16 = 41;
+/// RCODEs with which a response may leave the question section empty although the
+/// query had one: FORMERR, SERVFAIL, NOTIMP, REFUSED.
+const EMPTY_QUESTION_RCODES: [u8; 4] = [1, 2, 4, 5];
 
 /// Why an incoming message was dropped before it reached a backend or a client.
 /// Each variant is a `reason` label of the dropped-packets metric.
@@ -24,7 +32,8 @@ pub enum Drop {
     UnknownId,
     /// A response from an address other than the backend the ID was sent to.
     WrongSource,
-    /// A response whose question (or opcode, when the question is empty) differs.
+    /// A response whose question or opcode differs, or whose question section is
+    /// empty although the query had one and its RCODE is not an error that allows it.
     QuestionMismatch,
     /// Every ID towards backends is in use.
     IdsExhausted,
@@ -126,6 +135,9 @@ pub struct QuestionKey {
     pub hash: Option<u64>,
     /// The query's opcode.
     pub opcode: u8,
+    /// Whether the query had a question (QDCOUNT > 0): then an answer with an empty
+    /// question section is accepted only with an error RCODE.
+    pub had_question: bool,
 }
 
 /// A validated query header and its question key.
@@ -159,14 +171,17 @@ pub fn parse_query(msg: &[u8]) -> Result<Query, Drop> {
         key: QuestionKey {
             hash,
             opcode: opcode(msg),
+            had_question: qdcount(msg) != 0,
         },
         question_end,
     })
 }
 
 /// Checks a backend's response against the key of the query it claims to answer.
-/// A response with an empty question section matches by opcode alone (servers send
-/// those with FORMERR and NOTIMP).
+/// A response with an empty question section matches by opcode alone if the query had
+/// none either, or if its RCODE is FORMERR, SERVFAIL, NOTIMP or REFUSED (servers send
+/// those for queries they cannot or will not parse); an empty question with any
+/// other RCODE (a NOERROR answer that does not say what it answers) is refused.
 #[inline]
 pub fn response_matches(msg: &[u8], key: &QuestionKey) -> Result<(), Drop> {
     if msg.len() < HEADER_LEN {
@@ -176,7 +191,8 @@ pub fn response_matches(msg: &[u8], key: &QuestionKey) -> Result<(), Drop> {
         return Err(Drop::QueryFromBackend);
     }
     if qdcount(msg) == 0 {
-        return if opcode(msg) == key.opcode {
+        let allowed = !key.had_question || EMPTY_QUESTION_RCODES.contains(&rcode(msg));
+        return if opcode(msg) == key.opcode && allowed {
             Ok(())
         } else {
             Err(Drop::QuestionMismatch)
@@ -256,10 +272,50 @@ fn hash_name(msg: &[u8], mut pos: usize, h: &mut Fnv) -> Option<usize> {
     }
 }
 
-/// Turns the query in `msg[..len]` into a SERVFAIL answer in place: QR=1, opcode,
-/// RD and CD kept, RCODE=2, the question echoed when it parsed, no other records.
-/// Returns the new length.
+/// Skips the name at `pos`; returns the offset after it. Bounds-checked; a pointer
+/// ends the name.
+fn skip_name(msg: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let len = *msg.get(pos)?;
+        match len & 0xc0 {
+            0x00 if len == 0 => return Some(pos + 1),
+            0x00 => pos += 1 + usize::from(len),
+            0xc0 => return msg.get(pos + 1).map(|_| pos + 2),
+            _ => return None,
+        }
+    }
+}
+
+/// The DO bit of the query's OPT record, if it has one: walks the records after the
+/// question (which ends at `question_end`) to the additional section.
+fn opt_do_bit(msg: &[u8], question_end: usize) -> Option<bool> {
+    let count = |at: usize| usize::from(u16::from_be_bytes([msg[at], msg[at + 1]]));
+    let (before, additional) = (count(6) + count(8), count(10));
+    let mut pos = question_end;
+    for i in 0..before + additional {
+        pos = skip_name(msg, pos)?;
+        let fixed = msg.get(pos..pos + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        if i >= before && rtype == TYPE_OPT {
+            // TTL field: extended RCODE, version, then the flags, DO first.
+            return Some(fixed[6] & 0x80 != 0);
+        }
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        pos += 10 + rdlen;
+        if pos > msg.len() {
+            return None;
+        }
+    }
+    None
+}
+
+/// Turns the query in `msg` into a SERVFAIL answer in place: QR=1, opcode, RD and CD
+/// kept, RCODE=2, the question echoed when it parsed, and, if the query has an OPT
+/// record, an OPT record (RFC 6891 6.1.1: advertising [`EDNS_PAYLOAD`], version 0,
+/// the query's DO bit, no options). Nothing else of the query is echoed. Returns the
+/// new length (never more than the query's).
 pub fn servfail_in_place(msg: &mut [u8], question_end: Option<usize>) -> usize {
+    let dnssec_ok = question_end.and_then(|end| opt_do_bit(msg, end));
     let rd_opcode = msg[2] & 0x79; // opcode + RD
     let cd = msg[3] & 0x10;
     msg[2] = 0x80 | rd_opcode;
@@ -272,7 +328,16 @@ pub fn servfail_in_place(msg: &mut [u8], question_end: Option<usize>) -> usize {
         }
     };
     msg[6..12].fill(0);
-    end
+    let Some(dnssec_ok) = dnssec_ok else {
+        return end;
+    };
+    // The query's OPT record starts at or after `end` and takes at least these 11
+    // bytes, so they fit.
+    let [p0, p1] = EDNS_PAYLOAD.to_be_bytes();
+    let flags = if dnssec_ok { 0x80 } else { 0 };
+    msg[end..end + 11].copy_from_slice(&[0, 0, 41, p0, p1, 0, 0, flags, 0, 0, 0]);
+    msg[11] = 1; // ARCOUNT
+    end + 11
 }
 
 #[cfg(test)]
@@ -318,15 +383,35 @@ mod tests {
             .unwrap()
             .key;
         assert_eq!(response_matches(&r, &other), Err(Drop::QuestionMismatch));
-        // Empty question section: matches on opcode only.
+        // Empty question section: matches on opcode, and only with an error RCODE
+        // when the query had a question.
         let mut empty = r[..12].to_vec();
         empty[4..6].fill(0);
-        assert_eq!(response_matches(&empty, &key), Ok(()));
+        assert_eq!(response_matches(&empty, &key), Err(Drop::QuestionMismatch));
+        for rcode in [1, 2, 4, 5] {
+            empty[3] = rcode;
+            assert_eq!(response_matches(&empty, &key), Ok(()), "rcode {rcode}");
+        }
+        for rcode in [0, 3, 9] {
+            empty[3] = rcode;
+            assert_eq!(
+                response_matches(&empty, &key),
+                Err(Drop::QuestionMismatch),
+                "rcode {rcode}"
+            );
+        }
         let notify = QuestionKey { opcode: 4, ..key };
+        empty[3] = 4;
         assert_eq!(
             response_matches(&empty, &notify),
             Err(Drop::QuestionMismatch)
         );
+        // A query without a question: any RCODE.
+        let mut none = q[..12].to_vec();
+        none[4..6].fill(0);
+        let none_key = parse_query(&none).unwrap().key;
+        none[2] |= 0x80;
+        assert_eq!(response_matches(&none, &none_key), Ok(()));
         assert_eq!(response_matches(&q, &key), Err(Drop::QueryFromBackend));
     }
 
@@ -358,6 +443,39 @@ mod tests {
         assert_eq!(m.queries.len(), 1);
         assert_eq!(m.queries[0].query_type(), RecordType::AAAA);
         assert_eq!(response_matches(&q[..n], &parsed.key), Ok(()));
+        assert!(m.edns.is_none(), "no OPT without one in the query");
+        assert_eq!(n, q.len(), "nothing added");
+    }
+
+    #[test]
+    fn servfail_of_an_edns_query_keeps_an_opt_record_and_nothing_else() {
+        use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+        for dnssec_ok in [false, true] {
+            let mut m = Message::new(0x4321, MessageType::Query, OpCode::Query);
+            m.add_query(HQuery::query(
+                Name::from_ascii("a.example.test.").unwrap(),
+                RecordType::A,
+            ));
+            let mut e = hickory_proto::op::Edns::new();
+            e.set_max_payload(4096);
+            e.set_dnssec_ok(dnssec_ok);
+            e.options_mut()
+                .insert(EdnsOption::Unknown(EdnsCode::Cookie.into(), vec![7; 8]));
+            m.set_edns(e);
+            let mut q = m.to_bytes().unwrap();
+            let parsed = parse_query(&q).unwrap();
+            let n = servfail_in_place(&mut q, parsed.question_end);
+            let r = Message::from_vec(&q[..n]).unwrap();
+            assert_eq!(r.response_code, ResponseCode::ServFail);
+            assert_eq!(r.queries.len(), 1);
+            assert!(r.answers.is_empty() && r.authorities.is_empty() && r.additionals.is_empty());
+            let edns = r.edns.as_ref().expect("OPT kept");
+            assert_eq!(edns.max_payload(), EDNS_PAYLOAD);
+            assert_eq!(edns.version(), 0);
+            assert_eq!(edns.flags().dnssec_ok, dnssec_ok);
+            assert!(edns.options().as_ref().is_empty(), "options are not echoed");
+            assert_eq!(response_matches(&q[..n], &parsed.key), Ok(()));
+        }
     }
 
     proptest! {

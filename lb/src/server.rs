@@ -1,8 +1,11 @@
-//! Start-up, reload and shutdown. [`Server::start`] loads the backend set (state file
-//! first, `[[backend]]` as the seed), starts the data plane (`server.workers` UDP
-//! threads and `server.tcp_workers` TCP threads, each sleeping in its own epoll loop
-//! and owning its sockets), the health checker and the admin API. [`Server::shutdown`] stops accepting, lets in-flight
-//! queries finish within the grace period, then stops the admin API.
+//! Start-up and shutdown (and the SIGHUP entry point), nothing else: the state the
+//! running parts share lives in [`crate::shared`], and no module imports this one.
+//! [`Server::start`] loads the backend set (state file first, `[[backend]]` as the
+//! seed), starts the data plane (`server.workers` UDP threads and `server.tcp_workers`
+//! TCP threads, each sleeping in its own epoll loop and owning its sockets), the health
+//! checker and the admin API. [`Server::reload`] applies new tunables.
+//! [`Server::shutdown`] stops accepting, lets in-flight queries finish within the
+//! grace period, then stops the health checker and the admin API.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,91 +18,12 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::backends::{BackendSet, Member, SetError};
-use crate::config::{Config, HealthConfig, Policy};
+use crate::config::Config;
 use crate::control::Control;
+use crate::shared::{Shared, Tunables};
 use crate::sockets::Listeners;
 use crate::state::{self, StateFile};
 use crate::{admin, health, metrics, tcp, udp};
-
-/// How often a data-plane worker (UDP or TCP) expires timed-out queries, enforces its
-/// other timers and picks up reloaded tunables.
-pub(crate) const WORKER_TICK: Duration = Duration::from_millis(50);
-
-/// Settings that SIGHUP may change while traffic flows.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tunables {
-    /// Selection policy.
-    pub policy: Policy,
-    /// Per-query timeout.
-    pub query_timeout_ms: u64,
-    /// Failures (checks, timeouts) before a backend is down.
-    pub fall: u32,
-    /// Health checks.
-    pub health: HealthConfig,
-    /// TCP limits (all but `max_connections`, which needs a restart).
-    pub tcp: crate::config::Tcp,
-}
-
-impl Tunables {
-    fn from_config(c: &Config) -> Self {
-        Tunables {
-            policy: c.balance.policy,
-            query_timeout_ms: c.balance.query_timeout_ms,
-            fall: c.health.fall,
-            health: c.health.clone(),
-            tcp: c.tcp.clone(),
-        }
-    }
-}
-
-/// State shared by every worker, the health checker and the admin API.
-pub struct Shared {
-    /// The backend set.
-    pub set: BackendSet,
-    /// Current tunables; workers copy them on each tick.
-    pub tunables: ArcSwap<Tunables>,
-    /// Data-plane metric handles.
-    pub metrics: metrics::DataPlane,
-    /// Caps TCP client connections over all workers.
-    pub tcp_connections: Arc<Semaphore>,
-    /// Where the set is persisted.
-    pub state_path: PathBuf,
-    /// The admin bearer token, if any (reloaded on SIGHUP).
-    pub admin_token: ArcSwap<Option<String>>,
-    /// When the process started.
-    pub started: Instant,
-    /// The DNS addresses being served.
-    pub dns_addrs: Vec<SocketAddr>,
-}
-
-impl Shared {
-    /// Points a worker's copy of the tunables at the current ones if a reload changed
-    /// them (one pointer comparison per tick; no atomics per query).
-    pub(crate) fn refresh_tunables(&self, mine: &mut Arc<Tunables>) {
-        let cur = self.tunables.load();
-        if !Arc::ptr_eq(&cur, mine) {
-            *mine = arc_swap::Guard::into_inner(cur);
-        }
-    }
-
-    /// Changes the backend set under its writer lock, persisting the result before it
-    /// becomes visible. Returns the new generation.
-    pub fn change(
-        &self,
-        f: impl FnOnce(&crate::backends::Snapshot) -> Result<Vec<Member>, SetError>,
-    ) -> Result<u64, SetError> {
-        self.set.update(f, |generation, members| {
-            state::save(
-                &self.state_path,
-                &StateFile {
-                    generation,
-                    backends: members.to_vec(),
-                },
-            )
-            .map_err(|e| SetError::Rejected(e.to_string()))
-        })
-    }
-}
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -286,20 +210,6 @@ impl Server {
         }
         let background = CancellationToken::new();
         let health = tokio::spawn(health::run(shared.clone(), background.clone()));
-        // Histograms keep raw samples until upkeep folds them into buckets: without
-        // this, memory would grow with every query between two scrapes.
-        {
-            let (prometheus, stop) = (prometheus.clone(), background.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => prometheus.run_upkeep(),
-                    }
-                }
-            });
-        }
         let admin = admin::serve(
             listeners.admin,
             admin::AdminState::new(shared.clone(), prometheus),

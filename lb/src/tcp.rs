@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ use crate::backends::{BackendRuntime, Picker};
 use crate::batch::Poller;
 use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::packet::{self, Drop, QuestionKey};
-use crate::server::{Shared, Tunables, WORKER_TICK};
+use crate::shared::{Shared, Tunables, WORKER_TICK};
 
 /// Answers waiting for a client that does not read pause its reading above this.
 const OUTBOX_LIMIT: usize = 256 * 1024;
@@ -93,6 +93,17 @@ impl Token {
 enum Conn {
     Client(Box<Client>),
     Upstream(Box<Upstream>),
+}
+
+impl Conn {
+    /// The socket to register with the poller (an upstream whose socket could not be
+    /// made has none).
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Conn::Client(c) => Some(c.stream.as_fd()),
+            Conn::Upstream(u) => u.stream.as_ref().map(|s| s.as_fd()),
+        }
+    }
 }
 
 struct Slot<C> {
@@ -579,7 +590,7 @@ impl TcpWorker {
         }
         let poller = Poller::with_capacity(EVENTS)?;
         for (i, l) in listeners.iter().enumerate() {
-            poller.add(l.as_raw_fd(), TOKEN_LISTENER | i as u64)?;
+            poller.add(l.as_fd(), TOKEN_LISTENER | i as u64)?;
         }
         Ok(TcpWorker {
             tunables: shared.tunables.load_full(),
@@ -639,6 +650,9 @@ impl TcpWorker {
             }
             self.poller
                 .wait_events(&mut ready, next_tick.saturating_duration_since(now))?;
+            // Before anything that woke it: a query read after a reload returned is
+            // handled with the reloaded tunables, on connections open before it too.
+            self.shared.refresh_tunables(&mut self.tunables);
             let now = Instant::now();
             for &(token, flags) in &ready {
                 match token {
@@ -665,7 +679,7 @@ impl TcpWorker {
     fn stop_accepting(&mut self, now: Instant) {
         for l in self.listeners.iter_mut() {
             if let Some(l) = l.take() {
-                let _ = self.poller.remove(l.as_raw_fd());
+                let _ = self.poller.remove(l.as_fd());
             }
         }
         for t in self.conns.tokens().collect::<Vec<_>>() {
@@ -707,7 +721,7 @@ impl TcpWorker {
                     if self.accepting.fails(now) {
                         return Err(e);
                     }
-                    self.poller.remove(listener.as_raw_fd())?;
+                    self.poller.remove(listener.as_fd())?;
                     self.resting.push(index);
                     return Ok(());
                 }
@@ -722,7 +736,6 @@ impl TcpWorker {
             }
             let _ = stream.set_nodelay(true);
             metrics.tcp_connections.increment(1);
-            let fd = stream.as_raw_fd();
             let t = self.conns.insert(Conn::Client(Box::new(Client {
                 stream,
                 rd: FrameReader::new(),
@@ -738,7 +751,8 @@ impl TcpWorker {
                 _permit: permit,
             })));
             // Bytes that arrived before registering are reported at once.
-            if let Err(e) = self.poller.add_stream(fd, t.0) {
+            let fd = self.conns.get_mut(t).and_then(|c| c.fd());
+            if let Err(e) = fd.map_or(Ok(()), |fd| self.poller.add_stream(fd, t.0)) {
                 tracing::warn!("tcp connection not registered: {e}");
                 self.conns.release(t);
                 continue;
@@ -946,8 +960,8 @@ impl TcpWorker {
     /// Opens a new connection to `addr` and adds it to the pool.
     fn open_upstream(&mut self, addr: SocketAddr, now: Instant) -> Token {
         let up = Upstream::connect(addr, now);
-        let fd = up.stream.as_ref().map(|s| s.as_raw_fd());
         let t = self.conns.insert(Conn::Upstream(Box::new(up)));
+        let fd = self.conns.get_mut(t).and_then(|c| c.fd());
         let registered = fd.is_some_and(|fd| self.poller.add_stream(fd, t.0).is_ok());
         if registered {
             self.pools.entry(addr).or_default().push(t);
@@ -1201,7 +1215,7 @@ impl TcpWorker {
             let over = p.retried || p.deadline <= now;
             if connected {
                 if over {
-                    p.backend.on_timeout(p.sent, tun.fall);
+                    p.backend.on_timeout(p.sent);
                     self.client_done(p.client, now);
                     continue;
                 }
@@ -1209,7 +1223,7 @@ impl TcpWorker {
                 if charged {
                     p.backend.on_abandon();
                 } else {
-                    p.backend.on_timeout(latest.unwrap_or(p.sent), tun.fall);
+                    p.backend.on_timeout(latest.unwrap_or(p.sent));
                     charged = true;
                 }
                 if over {
@@ -1248,7 +1262,7 @@ impl TcpWorker {
         self.shared.refresh_tunables(&mut self.tunables);
         for i in std::mem::take(&mut self.resting) {
             if let Some(l) = &self.listeners[i] {
-                if let Err(e) = self.poller.add(l.as_raw_fd(), TOKEN_LISTENER | i as u64) {
+                if let Err(e) = self.poller.add(l.as_fd(), TOKEN_LISTENER | i as u64) {
                     tracing::warn!("tcp listener not re-registered: {e}");
                     self.resting.push(i);
                 }
@@ -1288,7 +1302,7 @@ impl TcpWorker {
                         continue;
                     }
                     for (_, p) in u.pending.extract_if(|_, p| p.deadline <= now) {
-                        p.backend.on_timeout(p.sent, tun.fall);
+                        p.backend.on_timeout(p.sent);
                         expired.push((p.client, p.query));
                     }
                     if u.connected && u.pending.is_empty() && u.last_busy + backend_idle <= now {

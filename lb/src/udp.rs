@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,7 +26,7 @@ use crate::backends::{BackendRuntime, Picker};
 use crate::batch::{Poller, RecvBatch, SendBatch};
 use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::packet::{self, Drop, QuestionKey};
-use crate::server::{Shared, Tunables, WORKER_TICK};
+use crate::shared::{Shared, Tunables, WORKER_TICK};
 
 /// Number of IDs towards backends per upstream socket.
 const IDS: usize = 1 << 16;
@@ -246,15 +246,6 @@ impl UdpWorker {
         })
     }
 
-    /// The upstream socket of an address family (IPv6 may be unavailable).
-    fn upstream(&self, v6: bool) -> Option<&std::net::UdpSocket> {
-        if v6 {
-            self.up6.as_ref()
-        } else {
-            Some(&self.up4)
-        }
-    }
-
     /// Serves until `control` says stop and the drain is over. An error means the
     /// worker can no longer serve (its sockets failed). Either way, queries still in
     /// flight are given up without charging their backends.
@@ -267,11 +258,11 @@ impl UdpWorker {
     fn serve(&mut self, control: &Control) -> io::Result<()> {
         let mut poller = Poller::new()?;
         for (i, l) in self.listeners.iter().enumerate() {
-            poller.add(l.as_raw_fd(), i as u64)?;
+            poller.add(l.as_fd(), i as u64)?;
         }
-        poller.add(self.up4.as_raw_fd(), TOKEN_UP4)?;
+        poller.add(self.up4.as_fd(), TOKEN_UP4)?;
         if let Some(up6) = &self.up6 {
-            poller.add(up6.as_raw_fd(), TOKEN_UP6)?;
+            poller.add(up6.as_fd(), TOKEN_UP6)?;
         }
         poller.add(control.fd(), TOKEN_CONTROL)?;
         let mut ready = Vec::new();
@@ -286,7 +277,7 @@ impl UdpWorker {
             if state == DRAIN && !draining {
                 draining = true;
                 for l in &self.listeners {
-                    poller.remove(l.as_raw_fd())?;
+                    poller.remove(l.as_fd())?;
                 }
                 continue;
             }
@@ -296,6 +287,9 @@ impl UdpWorker {
                 next_tick = now + WORKER_TICK;
             }
             poller.wait(&mut ready, next_tick.saturating_duration_since(now))?;
+            // Before anything that woke it: a query read after a reload returned is
+            // handled with the reloaded tunables.
+            self.shared.refresh_tunables(&mut self.tunables);
             // Answers first: they finish queries already in flight, and after a stall
             // they would otherwise queue behind the new queries of the same wake-up.
             ready.sort_unstable_by_key(|&t| !matches!(t, TOKEN_UP4 | TOKEN_UP6));
@@ -325,12 +319,10 @@ impl UdpWorker {
         Ok(())
     }
 
-    /// Picks up reloaded tunables and frees timed-out slots, charging their backends.
+    /// Frees timed-out slots, charging their backends.
     fn tick(&mut self, now: Instant) {
-        self.shared.refresh_tunables(&mut self.tunables);
-        let fall = self.tunables.fall;
         self.table
-            .expire(now, |done| done.backend.on_timeout(done.sent, fall));
+            .expire(now, |done| done.backend.on_timeout(done.sent));
     }
 
     /// Drains listener `index` in batches: a short batch means the queue is empty.
@@ -339,7 +331,7 @@ impl UdpWorker {
     fn queries_ready(&mut self, index: usize, now: Instant) -> io::Result<()> {
         let listener = index as u16;
         for _ in 0..ROUNDS {
-            let n = self.queries.recv(self.listeners[index].as_raw_fd())?;
+            let n = self.queries.recv(self.listeners[index].as_fd())?;
             if n == 0 {
                 break;
             }
@@ -382,7 +374,12 @@ impl UdpWorker {
                 if outs.is_empty() {
                     continue;
                 }
-                let Some(fd) = self.upstream(v6).map(|s| s.as_raw_fd()) else {
+                let Some(fd) = (if v6 {
+                    self.up6.as_ref()
+                } else {
+                    Some(&self.up4)
+                })
+                .map(|s| s.as_fd()) else {
                     continue;
                 };
                 let (batch, table, shared) = (&self.queries, &mut self.table, &self.shared);
@@ -401,7 +398,7 @@ impl UdpWorker {
             if !back.is_empty() {
                 let (batch, shared) = (&self.queries, &self.shared);
                 self.send.send(
-                    self.listeners[index].as_raw_fd(),
+                    self.listeners[index].as_fd(),
                     back.len(),
                     |k| (back[k].to, batch.bytes(back[k].index, back[k].len)),
                     |_| shared.metrics.drop_udp(Drop::SendFailed),
@@ -418,7 +415,12 @@ impl UdpWorker {
     /// `sendmmsg` per listener, up to as many answers per readiness as a listener
     /// takes queries ([`ANSWER_ROUNDS`]).
     fn answers_ready(&mut self, v6: bool, now: Instant) -> io::Result<()> {
-        let Some(fd) = self.upstream(v6).map(|s| s.as_raw_fd()) else {
+        let Some(fd) = (if v6 {
+            self.up6.as_ref()
+        } else {
+            Some(&self.up4)
+        })
+        .map(|s| s.as_fd()) else {
             return Ok(());
         };
         for _ in 0..ANSWER_ROUNDS {
@@ -449,7 +451,7 @@ impl UdpWorker {
                 let split = partition(rest, |o| o.via == first);
                 let (group, tail) = rest.split_at_mut(split);
                 let (batch, shared) = (&self.answers, &self.shared);
-                let fd = self.listeners[usize::from(first)].as_raw_fd();
+                let fd = self.listeners[usize::from(first)].as_fd();
                 self.send.send(
                     fd,
                     group.len(),
@@ -662,6 +664,7 @@ mod tests {
         let key = QuestionKey {
             hash: Some(1),
             opcode: 0,
+            had_question: true,
         };
         let a = t.insert(now, 100, origin(c, 1, key), &b).unwrap();
         let _b2 = t.insert(now, 100, origin(c, 2, key), &b).unwrap();
@@ -696,6 +699,7 @@ mod tests {
                     QuestionKey {
                         hash: None,
                         opcode: 0,
+                        had_question: false,
                     },
                 ),
                 &b,

@@ -451,3 +451,236 @@ fn forty_swaps_under_steady_dnsperf_load_lose_nothing() {
     assert!(!codes.contains("SERVFAIL"), "{codes}");
     assert!(codes.contains("NOERROR"), "{codes}");
 }
+
+/// `config` with health checks every minute: a test sees the health a change leaves
+/// behind, not what the next round makes of it.
+fn checks_rarely(config: String) -> String {
+    config.replace("interval_ms = 200", "interval_ms = 60000")
+}
+
+#[test]
+fn healthz_is_200_right_after_a_put_and_passing_require_healthy_checks_count() {
+    let old = Named::start();
+    let new1 = Named::start();
+    let new2 = Named::start();
+    let lb = Dnslb::start(&checks_rarely(config(&[("old", old.addr)], "")));
+    assert!(eventually(T, || lb.backend("old")["health"] == "up"));
+    // A whole new set, not checked: unknown, usable, and /healthz says so.
+    let body = format!(
+        r#"{{"backends":[{{"name":"n1","address":"{}"}}]}}"#,
+        new1.addr
+    );
+    let (st, resp) = lb.http("PUT", "/v1/backends", Some(&body));
+    assert_eq!(st, 200, "{resp}");
+    assert_eq!(lb.backend("n1")["health"], "unknown");
+    let (st, resp) = lb.http("GET", "/healthz", None);
+    assert_eq!(st, 200, "{resp}");
+    // With require_healthy, the check that let the swap happen counts: up at once.
+    let body = format!(
+        r#"{{"backends":[{{"name":"n2","address":"{}"}}],"require_healthy":true}}"#,
+        new2.addr
+    );
+    let (st, resp) = lb.http("PUT", "/v1/backends", Some(&body));
+    assert_eq!(st, 200, "{resp}");
+    assert_eq!(lb.backend("n2")["health"], "up");
+    assert_eq!(lb.http("GET", "/healthz", None).0, 200);
+    // A rollout renames n2 to ns1 at the same address: its health goes with it.
+    let body = format!(
+        r#"{{"backends":[{{"name":"ns1","address":"{}"}}]}}"#,
+        new2.addr
+    );
+    assert_eq!(lb.http("PUT", "/v1/backends", Some(&body)).0, 200);
+    assert_eq!(lb.backend("ns1")["health"], "up");
+}
+
+#[test]
+fn removed_backends_vanish_from_metrics_and_a_readded_name_starts_clean() {
+    let ns1 = Named::start();
+    let ns2 = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns1.addr), ("ns2", ns2.addr)], ""));
+    for _ in 0..20 {
+        udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
+    }
+    let series = |text: &str, name: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("backend=\"{name}\"")))
+            .map(String::from)
+            .collect()
+    };
+    let value = |text: &str, metric: &str, name: &str| -> f64 {
+        series(text, name)
+            .iter()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let text = lb.http("GET", "/metrics", None).1;
+    assert!(value(&text, m::BACKEND_QUERIES, "ns2") >= 1.0, "{text}");
+    assert_eq!(value(&text, m::BACKEND_UP, "ns2"), 1.0, "{text}");
+    assert_eq!(lb.http("DELETE", "/v1/backends/ns2", None).0, 200);
+    let text = lb.http("GET", "/metrics", None).1;
+    assert_eq!(series(&text, "ns2"), Vec::<String>::new(), "{text}");
+    assert!(!series(&text, "ns1").is_empty());
+    // Added again (elsewhere): its counters start from zero.
+    let body = format!(r#"{{"name":"ns2","address":"{}"}}"#, ns1.addr);
+    assert_eq!(lb.http("POST", "/v1/backends", Some(&body)).0, 201);
+    let text = lb.http("GET", "/metrics", None).1;
+    assert_eq!(value(&text, m::BACKEND_QUERIES, "ns2"), 0.0, "{text}");
+    assert_eq!(
+        value(&text, &format!("{}_count", m::BACKEND_LATENCY), "ns2"),
+        0.0,
+        "{text}"
+    );
+    // A whole new set: only its names remain.
+    let body = format!(
+        r#"{{"backends":[{{"name":"x1","address":"{}"}}]}}"#,
+        ns2.addr
+    );
+    assert_eq!(lb.http("PUT", "/v1/backends", Some(&body)).0, 200);
+    let text = lb.http("GET", "/metrics", None).1;
+    assert!(
+        series(&text, "ns1").is_empty() && series(&text, "ns2").is_empty(),
+        "{text}"
+    );
+    assert_eq!(value(&text, m::BACKEND_UP, "x1"), 1.0, "{text}");
+}
+
+#[test]
+fn a_state_file_write_that_hangs_does_not_stall_healthz_or_health_checks() {
+    // The state file's temporary file is a FIFO: writing the set blocks until someone
+    // reads it, like a disk that does not answer. Meanwhile the admin API and the
+    // health checks, which share one runtime, go on.
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    assert!(eventually(T, || lb.backend("ns1")["health"] == "up"));
+    let tmp = lb.dir.path().join("state.json.tmp");
+    run("mkfifo", &[tmp.to_str().unwrap()]);
+    let admin = lb.admin;
+    let body = format!(r#"{{"name":"ns2","address":"{}"}}"#, ns.addr);
+    let put = std::thread::spawn(move || http(admin, "POST", "/v1/backends", Some(&body), None));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!put.is_finished(), "the write is stuck on the FIFO");
+    let before = lb.http("GET", "/metrics", None).1;
+    let checks = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(m::HEALTH_CHECKS) && l.contains("pass"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(lb.http("GET", "/healthz", None).0, 200);
+    // Checks keep running (every 200 ms) while the write hangs.
+    assert!(eventually(T, || checks(
+        &lb.http("GET", "/metrics", None).1
+    ) >= checks(&before) + 2.0));
+    // Unblock the write: a FIFO cannot be fsynced, so the change fails as a whole
+    // (500, and nothing changed), the way a failing disk does.
+    let reader = std::thread::spawn(move || std::fs::read(&tmp).unwrap());
+    let (st, resp) = put.join().unwrap();
+    assert_eq!(st, 500, "{resp}");
+    assert!(!reader.join().unwrap().is_empty());
+    assert_eq!(lb.http("GET", "/v1/backends/ns2", None).0, 404);
+}
+
+/// A UDP relay to `named` that loses the health checks whose number (1 = the first
+/// it sees) is in `lost`, and answers everything else.
+fn losing_checks(named: std::net::SocketAddr, lost: &'static [usize]) -> std::net::SocketAddr {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let mut checks = 0;
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = buf[..n].to_vec();
+            // dnslb's check: example.test. SOA (the load below never asks it).
+            if q.windows(4).any(|w| w == [0, 0, 6, 0]) {
+                checks += 1;
+                if lost.contains(&checks) {
+                    continue;
+                }
+            }
+            let sock = sock.try_clone().unwrap();
+            std::thread::spawn(move || {
+                if let Ok(a) = udp_query_raw(named, &q, T) {
+                    let _ = sock.send_to(&a, from);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn new_backends_that_lose_their_first_checks_stay_in_service_through_a_swap_under_load() {
+    // BIND drops bursts of datagrams under load: the first checks of a new backend may
+    // be lost. Each lost check is one failure of `fall` (3), so the new set stays in
+    // use and no client gets SERVFAIL.
+    let a = [Named::start(), Named::start()];
+    let named = [Named::start(), Named::start()];
+    // Set b loses its first two checks; set c its first two after the require_healthy
+    // one.
+    let b = [
+        losing_checks(named[0].addr, &[1, 2]),
+        losing_checks(named[1].addr, &[1, 2]),
+    ];
+    let c = [
+        losing_checks(named[0].addr, &[2, 3]),
+        losing_checks(named[1].addr, &[2, 3]),
+    ];
+    let lb = Dnslb::start(&config(&[("a0", a[0].addr), ("a1", a[1].addr)], ""));
+    let dir = tempfile::tempdir().unwrap();
+    let qfile = dir.path().join("queries.txt");
+    std::fs::write(
+        &qfile,
+        "www.example.test A\nwww.example.test AAAA\nexample.test MX\nx.wild.example.test TXT\n",
+    )
+    .unwrap();
+    let port = lb.dns.port().to_string();
+    let perf = Command::new("dnsperf")
+        .args(["-s", "127.0.0.1", "-p", &port, "-d"])
+        .arg(&qfile)
+        .args(["-l", "6", "-Q", "1000", "-c", "2", "-t", "3"])
+        .output();
+    let perf = std::thread::spawn(move || perf);
+    std::thread::sleep(Duration::from_millis(500));
+    let put = |set: &[std::net::SocketAddr; 2], names: [&str; 2], require_healthy: bool| {
+        let body = format!(
+            r#"{{"backends":[{{"name":"{}","address":"{}"}},{{"name":"{}","address":"{}"}}],"expected_generation":{},"require_healthy":{require_healthy}}}"#,
+            names[0],
+            set[0],
+            names[1],
+            set[1],
+            generation(&lb)
+        );
+        let (st, resp) = lb.http("PUT", "/v1/backends", Some(&body));
+        assert_eq!(st, 200, "{resp}");
+    };
+    put(&b, ["b0", "b1"], false);
+    std::thread::sleep(Duration::from_millis(2000));
+    for name in ["b0", "b1"] {
+        assert_ne!(lb.backend(name)["health"], "down", "{:?}", lb.logs());
+    }
+    put(&c, ["c0", "c1"], true);
+    std::thread::sleep(Duration::from_millis(1000));
+    for name in ["c0", "c1"] {
+        assert_ne!(lb.backend(name)["health"], "down", "{:?}", lb.logs());
+    }
+    let out = perf.join().unwrap().expect("dnsperf is installed");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let Dnsperf {
+        sent,
+        lost,
+        servfail,
+        codes,
+        ..
+    } = dnsperf_summary(&text);
+    assert!(sent >= 4000, "steady load: {text}");
+    assert_eq!(servfail, 0, "{codes}\n{:?}", lb.logs());
+    assert_eq!(lost, 0, "{text}");
+    assert!(
+        lb.logs()
+            .iter()
+            .all(|l| !(l.contains("health changed") && l.contains("to=Down"))),
+        "{:?}",
+        lb.logs()
+    );
+}

@@ -1058,13 +1058,14 @@ fn is_health_check(q: &[u8]) -> bool {
 #[test]
 fn a_backend_that_answers_checks_but_no_queries_goes_down_after_fall_timeouts() {
     // Health checks pass (and run only at start here); real queries are never
-    // answered: after `fall` (3) timeouts with no answer since, it is down, and
-    // clients get SERVFAIL at once instead of waiting for a timeout.
+    // answered: after `fall` (3) timeouts with no answer since, it is down, and the
+    // healthy backend beside it takes every query.
     let named = Named::start();
+    let healthy = Named::start();
     let addr = dropping_backend(named.addr, |q| !is_health_check(q));
     let lb = Dnslb::start(&checks_at_start_only(config(
-        &[("silent", addr)],
-        "[balance]\nquery_timeout_ms = 200\n",
+        &[("silent", addr), ("healthy", healthy.addr)],
+        "[balance]\npolicy = \"first-available\"\nquery_timeout_ms = 200\n",
     )));
     send_queries(&lb, "q", 3);
     assert!(
@@ -1075,8 +1076,39 @@ fn a_backend_that_answers_checks_but_no_queries_goes_down_after_fall_timeouts() 
         "{:?}",
         lb.logs()
     );
+    assert_eq!(lb.backend("silent")["health"], "down");
     let a = udp_query(lb.dns, &query("www.example.test.", RecordType::A, true), T).unwrap();
-    assert_eq!(a.response_code, ResponseCode::ServFail);
+    assert_eq!(a.response_code, ResponseCode::NoError);
+}
+
+#[test]
+fn a_silent_backend_with_no_other_usable_one_stays_in_use() {
+    // The same silent backend alone: taking it down would turn every query into
+    // SERVFAIL; it stays in use, and that is logged.
+    let named = Named::start();
+    let addr = dropping_backend(named.addr, |q| !is_health_check(q));
+    let lb = Dnslb::start(&checks_at_start_only(config(
+        &[("silent", addr)],
+        "[balance]\nquery_timeout_ms = 200\n",
+    )));
+    send_queries(&lb, "q", 5);
+    assert!(
+        eventually(T, || lb.logs().iter().any(
+            |l| l.contains("kept up: no other usable backend would be left")
+        )),
+        "{:?}",
+        lb.logs()
+    );
+    let b = lb.backend("silent");
+    assert_ne!(b["health"], "down", "{b}");
+    assert_eq!(b["timeouts_total"], 5, "{b}");
+    // No SERVFAIL: the query is forwarded (and, this backend being silent, lost).
+    let q = query("www.example.test.", RecordType::A, true);
+    assert!(udp_query_raw(lb.dns, &q, Duration::from_millis(500)).is_err());
+    assert!(lb
+        .logs()
+        .iter()
+        .all(|l| !(l.contains("health changed") && l.contains("to=Down"))));
 }
 
 #[test]
@@ -1161,7 +1193,7 @@ fn a_backend_that_loses_most_queries_is_taken_down_though_some_are_answered() {
     let healthy = Named::start();
     let lb = lossy_setup(&named, &[("healthy", healthy.addr)]);
     assert!(
-        query_until_logged(&lb, "queries timed out since the last check"),
+        query_until_logged(&lb, "queries timed out"),
         "{:?}",
         lb.logs()
     );
@@ -1548,4 +1580,232 @@ fn a_tcp_worker_whose_accepts_keep_failing_drains_and_dnslb_exits_1() {
         .any(|l| l.contains("data-plane worker failing")));
     let mut b = [0u8; 1];
     assert_eq!(open.read(&mut b).expect("closed by the drain"), 0);
+}
+
+#[test]
+fn servfail_of_an_edns_query_carries_opt_over_udp_and_tcp() {
+    // RFC 6891 6.1.1: a query with OPT gets an answer with OPT, dnslb's own SERVFAIL
+    // included; DO is copied (RFC 3225); a query without OPT gets none.
+    use hickory_proto::op::{Edns, MessageType, OpCode, Query};
+    use hickory_proto::rr::Name;
+    use hickory_proto::serialize::binary::BinEncodable;
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lb = Dnslb::start(&config(&[("dead", dead)], ""));
+    assert!(eventually(Duration::from_secs(5), || lb.backend("dead")
+        ["health"]
+        == "down"));
+    for tcp in [false, true] {
+        for (edns, dnssec_ok) in [(true, true), (true, false), (false, false)] {
+            let mut m = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+            m.add_query(Query::query(
+                Name::from_ascii("www.example.test.").unwrap(),
+                RecordType::A,
+            ));
+            if edns {
+                let mut e = Edns::new();
+                e.set_max_payload(4096);
+                e.set_dnssec_ok(dnssec_ok);
+                m.set_edns(e);
+            }
+            let q = m.to_bytes().unwrap();
+            let raw = if tcp {
+                tcp_query_raw(lb.dns, &q).unwrap()
+            } else {
+                udp_query_raw(lb.dns, &q, T).unwrap()
+            };
+            let a = Message::from_vec(&raw).unwrap();
+            let what = format!("tcp={tcp} edns={edns} do={dnssec_ok}");
+            assert_eq!(a.response_code, ResponseCode::ServFail, "{what}");
+            assert_eq!(a.queries.len(), 1, "{what}");
+            assert!(a.answers.is_empty() && a.authorities.is_empty(), "{what}");
+            assert!(a.additionals.is_empty(), "{what}");
+            match a.edns.as_ref() {
+                Some(e) => {
+                    assert!(edns, "{what}: OPT only if the query had one");
+                    assert_eq!(e.flags().dnssec_ok, dnssec_ok, "{what}");
+                    assert_eq!(e.version(), 0, "{what}");
+                }
+                None => assert!(!edns, "{what}: OPT kept"),
+            }
+        }
+    }
+}
+
+/// A UDP backend that relays health checks to `named` and answers every other query
+/// with what `answer` makes of it (`None`: no answer).
+fn answering_backend(
+    named: SocketAddr,
+    answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static,
+) -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            let a = if is_health_check(q) {
+                udp_query_raw(named, q, T).ok()
+            } else {
+                answer(q)
+            };
+            if let Some(a) = a {
+                let _ = sock.send_to(&a, from);
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_answer_with_an_empty_question_needs_an_error_rcode() {
+    use dnslb::metrics::DROPPED;
+    // The backend answers with a bare header (QDCOUNT 0): as NOERROR for names that
+    // start with "noerror", as REFUSED otherwise.
+    let named = Named::start();
+    let addr = answering_backend(named.addr, |q| {
+        let mut a = q[..12].to_vec();
+        a[2] |= 0x80;
+        a[3] = if q.windows(7).any(|w| w == b"noerror") {
+            0
+        } else {
+            5
+        };
+        a[4..12].fill(0);
+        Some(a)
+    });
+    let lb = Dnslb::start(&config(&[("bare", addr)], ""));
+    let q = query("refused.example.test.", RecordType::A, false);
+    let a = udp_query(lb.dns, &q, T).expect("an empty question with REFUSED is delivered");
+    assert_eq!(a.response_code, ResponseCode::Refused);
+    let q = query("noerror.example.test.", RecordType::A, false);
+    assert!(
+        udp_query_raw(lb.dns, &q, Duration::from_millis(500)).is_err(),
+        "a NOERROR answer that does not say what it answers is dropped"
+    );
+    let m = scrape(&lb);
+    assert!(
+        metric(
+            &m,
+            DROPPED,
+            &[("reason", "question_mismatch"), ("transport", "udp")]
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+/// Starts dnslb under a fake systemd (NOTIFY_SOCKET) and sends `sig` the moment
+/// READY=1 arrives, straight from the thread that read it; returns the process and the
+/// notify socket.
+fn signal_at_ready(
+    dir: &tempfile::TempDir,
+    backends: &[(&str, SocketAddr)],
+    sig: i32,
+) -> (std::process::Child, std::os::unix::net::UnixDatagram) {
+    use std::os::unix::net::UnixDatagram;
+    let sock_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::fs::write(
+        dir.path().join("dnslb.toml"),
+        format!(
+            "{}[state]\npath = \"{}\"\n",
+            config(backends, ""),
+            dir.path().join("state.json").display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dnslb"))
+        .arg("--config")
+        .arg(dir.path().join("dnslb.toml"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 arrives");
+    // SAFETY: kill(2) on our own child's pid.
+    let r = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(r, 0);
+    assert_eq!(&buf[..n], b"READY=1");
+    (child, notify)
+}
+
+#[test]
+fn sighup_and_sigterm_right_after_ready_behave() {
+    let ns = Named::start();
+    // `systemctl reload` right after start: a reload, not the end of the process.
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, notify) = signal_at_ready(&dir, &[("ns1", ns.addr)], libc::SIGHUP);
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("RELOADING=1 after SIGHUP");
+        assert_eq!(&buf[..n], b"RELOADING=1");
+        let n = notify.recv(&mut buf).expect("READY=1 after the reload");
+        assert_eq!(&buf[..n], b"READY=1");
+        std::thread::sleep(Duration::from_millis(100));
+        let st = child.try_wait().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+        assert!(st.is_none(), "SIGHUP killed dnslb ({st:?}): {log}");
+        assert!(log.contains("configuration reloaded"), "{log}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // SIGTERM right after start: the usual drain and exit 0.
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, _notify) = signal_at_ready(&dir, &[("ns1", ns.addr)], libc::SIGTERM);
+        let st = child.wait().unwrap();
+        let log = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+        assert_eq!(st.code(), Some(0), "{st:?}: {log}");
+        assert!(
+            log.contains("shutting down") && log.contains("stopped"),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn sighup_changes_the_policy_of_an_open_tcp_connection() {
+    use std::io::Write;
+    let ns1 = Named::start();
+    let ns2 = Named::start();
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns1.addr), ("ns2", ns2.addr)],
+        "[balance]\npolicy = \"first-available\"\n",
+    ));
+    // One connection, open before and after the reload.
+    let mut s = TcpStream::connect(lb.dns).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut ask = |n: usize| {
+        let mut frames = Vec::new();
+        for _ in 0..n {
+            frames.extend(frame(&query("www.example.test.", RecordType::A, true)));
+        }
+        s.write_all(&frames).unwrap();
+        for _ in 0..n {
+            read_frame(&mut s).unwrap();
+        }
+    };
+    ask(10);
+    let before = queries_per_backend(&lb);
+    assert_eq!(
+        before,
+        vec![("ns1".to_string(), 10), ("ns2".to_string(), 0)]
+    );
+    let path = lb.dir.path().join("dnslb.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("first-available", "round-robin");
+    std::fs::write(&path, text).unwrap();
+    lb.signal("HUP");
+    assert!(eventually(T, || lb
+        .logs()
+        .iter()
+        .any(|l| l.contains("configuration reloaded"))));
+    // The very next queries on the same connection follow the new policy.
+    ask(10);
+    let after = queries_per_backend(&lb);
+    assert_eq!(after, vec![("ns1".to_string(), 15), ("ns2".to_string(), 5)]);
 }
