@@ -104,6 +104,7 @@ fn serve(
         }
         handover::report_ready();
         let mut failure = None;
+        let mut handed_over = false;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
@@ -112,9 +113,10 @@ fn serve(
                     failure = Some(anyhow::anyhow!("a data-plane worker failed; exiting so the service manager restarts dnslb"));
                     break;
                 }
-                _ = usr2.recv() => match upgrade(&path, exe.as_deref(), &copies).await {
+                _ = usr2.recv() => match upgrade(&path, exe.as_deref(), &copies, &server).await {
                     Ok(pid) => {
                         tracing::info!(pid, "upgrade: the next dnslb is ready; handing over");
+                        handed_over = true;
                         break;
                     }
                     Err(e) => tracing::error!("upgrade failed, still serving: {e:#}"),
@@ -132,8 +134,13 @@ fn serve(
             }
         }
         tracing::info!("shutting down: no new queries, finishing those in flight");
-        let _ = dnslb::systemd::notify("STOPPING=1");
-        server.shutdown().await.context("shutdown")?;
+        if handed_over {
+            // No STOPPING=1: the service goes on, in the child (MAINPID).
+            server.hand_over().await.context("handing over")?;
+        } else {
+            let _ = dnslb::systemd::notify("STOPPING=1");
+            server.shutdown().await.context("shutdown")?;
+        }
         failure.map_or(Ok(()), Err)
     })
 }
@@ -145,6 +152,7 @@ async fn upgrade(
     config_path: &Path,
     exe: Option<&Path>,
     copies: &[(OwnedFd, &'static str)],
+    server: &dnslb::Server,
 ) -> anyhow::Result<u32> {
     let cfg = dnslb::Config::load(config_path)
         .with_context(|| format!("{} is not valid; not upgrading", config_path.display()))?;
@@ -155,6 +163,8 @@ async fn upgrade(
         .or(exe)
         .context("no binary to start: set server.upgrade_binary")?
         .to_path_buf();
+    // The child starts from this health, not from unknown.
+    server.save_health();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let fds: Vec<_> = copies.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
     let (mut child, ready) = handover::spawn_upgrade(&bin, &args, &fds)

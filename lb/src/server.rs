@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::{BackendSet, Member, SetError};
+use crate::backends::{BackendSet, Health, Member, SetError};
 use crate::config::Config;
 use crate::control::Control;
 use crate::shared::{Shared, Tunables};
@@ -137,6 +137,7 @@ impl Server {
             started: Instant::now(),
             dns_addrs: dns_addrs.clone(),
         });
+        carry_health(&shared);
         let fatal = CancellationToken::new();
         let mut workers = Vec::new();
         let mut controls = Vec::new();
@@ -280,9 +281,38 @@ impl Server {
         Ok(())
     }
 
+    /// Writes every backend's health beside the state file, for the next process
+    /// (an upgrade's child, or the one a restart starts). A failure is logged: the
+    /// next process then learns health anew.
+    pub fn save_health(&self) {
+        let snap = self.shared.set.snapshot();
+        let backends = snap
+            .entries
+            .iter()
+            .map(|e| state::CarriedHealth {
+                name: e.spec.name.clone(),
+                address: e.spec.address,
+                health: e.runtime.health(),
+            })
+            .collect();
+        if let Err(e) = state::save_health(&self.shared.state_path, backends) {
+            tracing::warn!("health not carried to the next process: {e}");
+        }
+    }
+
+    /// Hands over to an upgrade's child that is ready: the admin API and health
+    /// checks stop first (the child answers them now, from the same listener), then
+    /// the data plane drains as on SIGTERM.
+    pub async fn hand_over(self) -> io::Result<()> {
+        self.background.cancel();
+        self.shutdown().await
+    }
+
     /// Stops accepting queries, waits up to the grace period for those in flight,
-    /// then stops health checks and the admin API.
+    /// then stops health checks and the admin API. Health is saved first, for the
+    /// next process.
     pub async fn shutdown(self) -> io::Result<()> {
+        self.save_health();
         for c in &self.controls {
             c.drain();
         }
@@ -315,6 +345,27 @@ impl Server {
         let _ = self.admin.await;
         tracing::info!("stopped");
         result
+    }
+}
+
+/// Health a previous process left beside the state file (fresh, same name and
+/// address) is where each backend starts, instead of unknown.
+fn carry_health(shared: &Shared) {
+    let Some(h) = state::load_health(&shared.state_path) else {
+        return;
+    };
+    let snap = shared.set.snapshot();
+    for e in &snap.entries {
+        if let Some(c) = h
+            .backends
+            .iter()
+            .find(|c| c.name == e.spec.name && c.address == e.spec.address)
+        {
+            if c.health != Health::Unknown {
+                e.runtime
+                    .set_health(c.health, "carried over from the previous dnslb process");
+            }
+        }
     }
 }
 

@@ -365,3 +365,28 @@ fn pipelined_tcp_clients_get_every_answer_across_upgrades() {
     kill(pid, "TERM");
     wait_gone(pid);
 }
+
+#[test]
+fn an_upgrade_carries_health_to_the_next_process() {
+    let mut ns = [Named::start(), Named::start()];
+    let lb = Dnslb::start(&config(&[("a", ns[0].addr), ("b", ns[1].addr)], ""));
+    ns[1].kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lb.backend("b")["health"] != "down" || lb.backend("a")["health"] != "up" {
+        assert!(Instant::now() < deadline, "{:?}", lb.backend("b"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = lb.pid() as u32;
+    kill(pid, "USR2");
+    let next = handed_over_to(&lb, 1);
+    // The child answers the admin API at once, from the health the parent left: the
+    // dead backend is down (no query is sent to it), the live one up.
+    let status: serde_json::Value =
+        serde_json::from_str(&lb.http("GET", "/v1/status", None).1).unwrap();
+    assert_eq!(status["pid"], next, "{status}");
+    assert_eq!(lb.backend("b")["health"], "down");
+    assert_eq!(lb.backend("a")["health"], "up");
+    wait_gone(pid);
+    kill(next, "TERM");
+    wait_gone(next);
+}
