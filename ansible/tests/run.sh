@@ -271,12 +271,22 @@ for want in 'Type=notify' 'ExecStart=/usr/local/bin/dnslb --config /etc/dnslb/dn
     grep -qxF "$want" "$unit" || die "unit lacks: $want"
 done
 ok "unit has the expected directives"
+sock=$prefix/etc/systemd/system/dnslb.socket
+[ -f "$sock" ] || die "no socket unit $sock"
+for want in 'ListenDatagram=127.0.0.1:5353' 'ListenStream=127.0.0.1:5353' 'ReceiveBuffer=8M' 'FreeBind=yes'; do
+    grep -qxF "$want" "$sock" || die "socket unit lacks: $want"
+done
+for want in 'Requires=dnslb.socket' 'After=dnslb.socket' 'NotifyAccess=all'; do
+    grep -qxF "$want" "$unit" || die "unit lacks: $want"
+done
+ok "socket unit holds 127.0.0.1:5353 (UDP and TCP); the service requires it, NotifyAccess=all"
 if command -v systemd-analyze >/dev/null 2>&1; then
     # The unit names the real path /usr/local/bin/dnslb; verify a copy that points at the
     # prefix so that systemd-analyze can check the executable too.
     mkdir -p "$work/verify"
     sed "s#/usr/local/bin/dnslb#$bin#" "$unit" >"$work/verify/dnslb.service"
-    systemd-analyze verify "$work/verify/dnslb.service" || die "systemd-analyze verify"
+    cp "$sock" "$work/verify/dnslb.socket"
+    systemd-analyze verify "$work/verify/dnslb.socket" "$work/verify/dnslb.service" || die "systemd-analyze verify"
     ok "systemd-analyze verify"
 else
     echo "skip: systemd-analyze not installed"

@@ -80,6 +80,10 @@ pub struct Provider {
     /// Linode: the port nameservers answer DNS on.
     #[serde(default = "default_dns_port")]
     pub dns_port: u16,
+    /// Linode: how long one API request may take before it counts as failed (and is
+    /// retried, or looked up again for a create).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
     /// Linode: milliseconds between two status polls of a booting instance.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
@@ -116,6 +120,9 @@ fn default_boot_timeout() -> u64 {
 }
 fn default_dns_port() -> u16 {
     53
+}
+fn default_request_timeout() -> u64 {
+    30
 }
 fn default_poll_ms() -> u64 {
     2000
@@ -426,6 +433,9 @@ impl Config {
                 p.push(
                     "provider.authorized_keys must hold at least one public key for linode".into(),
                 );
+            }
+            if pr.request_timeout_s == 0 {
+                p.push("provider.request_timeout_s must be > 0".into());
             }
             if pr.boot_timeout_s == 0 {
                 p.push("provider.boot_timeout_s must be > 0".into());

@@ -740,3 +740,138 @@ fn provisioning_that_hangs_is_killed_after_timeout_s_and_rolled_back() {
     }
     assert!(gone(&pid), "a process the playbook started survived");
 }
+
+/// Provider calls that fail or time out, under dnsperf load through the load
+/// balancer: the deployer rides out what is transient, and what is not leaves a
+/// journal that the next run converges from. Every case ends with one instance per
+/// nameserver, the load balancer on exactly those, and no SERVFAIL or lost query.
+#[test]
+fn fault_matrix_provider_calls_that_fail_or_time_out_converge_under_load() {
+    let s = Setup::new(72, true, &[], 30);
+    let cfg = s.dir.path().join("deployer.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "provision_local = true",
+        "provision_local = true\nrequest_timeout_s = 2",
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    s.ok(&["bootstrap"]);
+    let ids = || -> Vec<u64> {
+        let mut v: Vec<u64> = s.api.fake.linodes().iter().map(|l| l.id).collect();
+        v.sort();
+        v
+    };
+    let converged = |case: &str| {
+        assert_eq!(
+            s.labels(),
+            ["ns1", "ns2"],
+            "{case}: one instance per nameserver"
+        );
+        let st: Value = serde_json::from_str(&s.ok(&["status", "--json"])).unwrap();
+        assert!(st["unfinished_rollout"].is_null(), "{case}: {st}");
+        let mut want: Vec<String> = s
+            .api
+            .fake
+            .linodes()
+            .iter()
+            .map(|l| format!("{}:{}", l.private.unwrap(), s.ports.1))
+            .collect();
+        want.sort();
+        let mut got: Vec<String> = s.lb_set()["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["address"].as_str().unwrap().to_string())
+            .collect();
+        got.sort();
+        assert_eq!(
+            got, want,
+            "{case}: the load balancer serves exactly the live instances"
+        );
+        support::assert_answers_through(s.lb.dns);
+    };
+    let mut report = Vec::new();
+    let mut case = |name: &str, body: &dyn Fn()| {
+        let load = support::start_load(s.lb.dns, s.dir.path());
+        std::thread::sleep(Duration::from_millis(500));
+        body();
+        converged(name);
+        let (sent, lost, servfail, log) = load.finish();
+        assert!(sent > 1000, "{name}: {sent}");
+        assert_eq!((lost, servfail), (0, 0), "{name}\n{log}");
+        report.push(format!(
+            "  {name:<75} sent {sent:>6} lost {lost} SERVFAIL {servfail}"
+        ));
+    };
+
+    let before = ids();
+    case(
+        "DELETE answers 500 twice in step 6: retried, the rollout completes",
+        &|| {
+            s.api.fake.faults(|f| f.delete_500 = 2);
+            s.ok(&["rollout"]);
+        },
+    );
+    assert!(ids().iter().all(|i| !before.contains(i)), "new instances");
+
+    let before = ids();
+    case(
+        "a DELETE applied but answered after the request timeout: retried, 404 counts as gone",
+        &|| {
+            s.api.fake.faults(|f| {
+                f.delete_slow = 1;
+                f.delete_slow_for = Duration::from_secs(4);
+            });
+            let out = s.run(&["rollout"]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{stderr}");
+            assert!(
+                stderr.contains("retrying"),
+                "the timeout was seen: {stderr}"
+            );
+        },
+    );
+    assert!(ids().iter().all(|i| !before.contains(i)), "new instances");
+
+    let before = ids();
+    case(
+        "DELETE fails for good inside a rollback: incomplete, then `deployer rollback`",
+        &|| {
+            // A checked zone with a record the servers do not serve fails step 3.
+            let bad = s.dir.path().join("checks");
+            std::fs::create_dir_all(&bad).unwrap();
+            let mut zone =
+                std::fs::read_to_string(repo().join("ansible/zones/example.test.zone")).unwrap();
+            zone.push_str("extra        IN A   192.0.2.99\n");
+            std::fs::write(bad.join("example.test.zone"), zone).unwrap();
+            std::fs::write(
+                &cfg,
+                format!(
+                    "{text}zone_files = [\"{}\"]\n",
+                    bad.join("example.test.zone").display()
+                ),
+            )
+            .unwrap();
+            // Every attempt at the first delete fails (the client tries 8 times).
+            s.api.fake.faults(|f| f.delete_500 = 8);
+            let out = s.run(&["rollout"]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                stderr.contains("3/7 verify: FAILED")
+                    && stderr.contains("rollback failed too")
+                    && stderr.contains("could not delete"),
+                "{stderr}"
+            );
+            let st: Value = serde_json::from_str(&s.ok(&["status", "--json"])).unwrap();
+            assert_eq!(st["unfinished_rollout"]["step"], "rolling back", "{st}");
+            std::fs::write(&cfg, &text).unwrap();
+            s.ok(&["rollback"]);
+        },
+    );
+    assert_eq!(ids(), before, "the old instances kept, the new ones gone");
+    eprintln!(
+        "fault matrix: provider faults: {} cases\n{}",
+        report.len(),
+        report.join("\n")
+    );
+}

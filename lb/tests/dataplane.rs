@@ -395,7 +395,7 @@ struct SlowBackend {
 }
 
 fn slow_backend(named: SocketAddr, delay: Duration) -> SlowBackend {
-    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+    let sock = Arc::new(UdpSocket::bind(("127.0.0.1", common::free_port())).unwrap());
     let addr = sock.local_addr().unwrap();
     let seen = Arc::new(AtomicUsize::new(0));
     let seen2 = seen.clone();

@@ -103,7 +103,7 @@ impl Linode {
             ))
         })?;
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(cfg.request_timeout_s))
             .user_agent(concat!("dnslb-deployer/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProviderError::Api(format!("http client: {e}")))?;

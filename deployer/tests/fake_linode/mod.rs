@@ -85,6 +85,12 @@ pub struct Faults {
     pub offline_after_provisioning: bool,
     /// The token's scope.
     pub scope: Scope,
+    /// Deletes that answer 500 without deleting.
+    pub delete_500: u32,
+    /// Deletes that delete, then take this long to answer (past a client's timeout).
+    pub delete_slow: u32,
+    /// How long a slow delete takes to answer.
+    pub delete_slow_for: Duration,
 }
 
 #[derive(Default)]
@@ -665,13 +671,30 @@ async fn delete(State(f): State<Fake>, headers: HeaderMap, Path(id): Path<u64>) 
     ) {
         return r;
     }
-    let mut g = f.inner.lock().unwrap();
-    let Some(l) = g.linodes.remove(&id) else {
-        return err(StatusCode::NOT_FOUND, "Not found", None);
+    let slow = {
+        let mut g = f.inner.lock().unwrap();
+        if g.faults.delete_500 > 0 {
+            g.faults.delete_500 -= 1;
+            return err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error",
+                None,
+            );
+        }
+        let Some(l) = g.linodes.remove(&id) else {
+            return err(StatusCode::NOT_FOUND, "Not found", None);
+        };
+        tear_down(&l);
+        if let Some(h) = g.ssh_listeners.remove(&id) {
+            h.abort();
+        }
+        (g.faults.delete_slow > 0).then(|| {
+            g.faults.delete_slow -= 1;
+            g.faults.delete_slow_for
+        })
     };
-    tear_down(&l);
-    if let Some(h) = g.ssh_listeners.remove(&id) {
-        h.abort();
+    if let Some(d) = slow {
+        tokio::time::sleep(d).await;
     }
     Json(json!({})).into_response()
 }
