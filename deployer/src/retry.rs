@@ -1,6 +1,7 @@
-//! The one retry policy for calls to remote APIs (the load balancers' admin APIs):
-//! a bounded number of attempts with exponential backoff. Only transient failures
-//! (transport errors, 5xx, 429) are retried; an answer that refuses is final.
+//! The one retry policy for calls to remote APIs (the load balancers' admin APIs and
+//! the Linode API): a bounded number of attempts with exponential backoff. Only
+//! transient failures (transport errors, 5xx, 429) are retried; an answer that
+//! refuses is final.
 
 use std::time::Duration;
 

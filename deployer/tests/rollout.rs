@@ -302,15 +302,16 @@ fn a_record_the_servers_do_not_serve_fails_the_rollout_and_changes_nothing() {
     );
 }
 
-/// Runs `deployer <args>`, and when a line of its stderr contains `marker` calls
-/// `act`; SIGKILLs it there if `kill`. Returns whether it succeeded and its stderr.
-/// The marker must show: a case whose fault point never came did not test anything.
+/// Runs `deployer <args>`; when a line of its stderr contains `marker` calls `act`,
+/// and when one contains `kill_at` SIGKILLs it. Returns whether it succeeded and its
+/// stderr. Both markers must show: a case whose fault point never came did not test
+/// anything.
 fn run_until(
     s: &Setup,
     args: &[&str],
     marker: &str,
-    kill: bool,
     act: impl FnOnce(),
+    kill_at: Option<&str>,
 ) -> (bool, String) {
     let mut child = s
         .cmd(args)
@@ -321,6 +322,7 @@ fn run_until(
     let stderr = child.stderr.take().unwrap();
     let mut seen = String::new();
     let mut act = Some(act);
+    let mut killed = false;
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
         seen.push_str(&line);
@@ -329,20 +331,25 @@ fn run_until(
             if let Some(a) = act.take() {
                 a();
             }
-            if kill {
-                child.kill().unwrap(); // SIGKILL
-                break;
-            }
+        }
+        if kill_at.is_some_and(|k| line.contains(k)) {
+            child.kill().unwrap(); // SIGKILL
+            killed = true;
+            break;
         }
     }
     let st = child.wait().unwrap();
     assert!(act.is_none(), "{args:?} never printed {marker:?}:\n{seen}");
+    assert!(
+        killed || kill_at.is_none(),
+        "{args:?} never printed {kill_at:?}:\n{seen}"
+    );
     (st.success(), seen)
 }
 
 /// Runs `deployer rollout` and SIGKILLs it as soon as a line contains `marker`.
 fn killed_at(s: &Setup, marker: &str) {
-    let (ok, seen) = run_until(s, &["rollout"], marker, true, || ());
+    let (ok, seen) = run_until(s, &["rollout"], marker, || (), Some(marker));
     assert!(!ok, "killed at {marker:?}; saw {seen}");
 }
 
@@ -473,9 +480,13 @@ fn fault_matrix_a_new_server_dying_in_the_bake_and_kills_inside_the_rollback() {
         Some(true),
         true,
         || {
-            let (ok, seen) = run_until(&s, &["rollout"], "step 4/7 swap: ok", false, || {
-                kill_named(&s, "ns1-next")
-            });
+            let (ok, seen) = run_until(
+                &s,
+                &["rollout"],
+                "step 4/7 swap: ok",
+                || kill_named(&s, "ns1-next"),
+                None,
+            );
             assert!(!ok, "{seen}");
             assert!(
                 seen.contains("5/7 bake: FAILED") && seen.contains("rolled back"),
@@ -496,29 +507,13 @@ fn fault_matrix_a_new_server_dying_in_the_bake_and_kills_inside_the_rollback() {
             Some(true),
             true,
             || {
-                let mut child = s
-                    .cmd(&["rollout"])
-                    .stderr(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap();
-                let mut seen = String::new();
-                let mut hit = false;
-                for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-                    let line = line.unwrap();
-                    seen.push_str(&line);
-                    seen.push('\n');
-                    if line.contains("step 4/7 swap: ok") {
-                        kill_named(&s, "ns1-next");
-                    }
-                    if line.contains(marker) {
-                        child.kill().unwrap();
-                        hit = true;
-                        break;
-                    }
-                }
-                child.wait().unwrap();
-                assert!(hit, "never saw {marker}:\n{seen}");
+                run_until(
+                    &s,
+                    &["rollout"],
+                    "step 4/7 swap: ok",
+                    || kill_named(&s, "ns1-next"),
+                    Some(marker),
+                );
                 let st = s.status();
                 assert_eq!(
                     st["unfinished_rollout"]["step"], "rolling back",
@@ -559,9 +554,13 @@ fn fault_matrix_admin_api_down_or_changed_behind_the_rollout() {
         Some(true),
         false,
         || {
-            let (ok, seen) = run_until(&s, &["rollout"], "step 3/7 verify: ok", false, || {
-                proxy.set_up(false)
-            });
+            let (ok, seen) = run_until(
+                &s,
+                &["rollout"],
+                "step 3/7 verify: ok",
+                || proxy.set_up(false),
+                None,
+            );
             assert!(!ok, "{seen}");
             assert!(
                 seen.contains("4/7 swap: FAILED") && seen.contains("rollback failed too"),
@@ -799,14 +798,15 @@ fn a_second_load_balancer_changed_during_the_canary_bake_is_left_alone_and_the_f
     let before = s.assert_converged();
     let set_before = s.lb_members();
     // While lb1 bakes, someone adds a backend to lb2: its swap must get 409.
-    let (ok, seen) = run_until(&s, &["rollout"], "step 5/7 bake: started", false, || {
+    let by_hand = || {
         let (st, body) = lb2.http(
             "POST",
             "/v1/backends",
             Some(r#"{"name":"by-hand","address":"127.0.0.1:9"}"#),
         );
         assert_eq!(st, 201, "{body}");
-    });
+    };
+    let (ok, seen) = run_until(&s, &["rollout"], "step 5/7 bake: started", by_hand, None);
     assert!(!ok, "{seen}");
     assert!(
         seen.contains("4/7 swap: FAILED") && seen.contains("409") && seen.contains("lb2 changed"),

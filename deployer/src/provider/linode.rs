@@ -32,6 +32,7 @@ use tokio::io::AsyncReadExt;
 
 use super::{rollout_tag, Instance, Provider, ProviderError, MANAGED_TAG};
 use crate::config::{LoadBalancer, Provider as ProviderConfig};
+use crate::retry::Backoff;
 
 /// A Linode API client plus the settings for new instances.
 pub struct Linode {
@@ -212,24 +213,28 @@ impl Linode {
         filter: Option<&Value>,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), Failure> {
-        let mut backoff = Duration::from_millis(250);
-        for attempt in 1.. {
-            let (wait, msg) = match self.exchange(&method, path, query, filter, body).await {
+        let mut backoff = Backoff::new(MAX_ATTEMPTS, Duration::from_millis(250), MAX_BACKOFF);
+        loop {
+            let (retry_after, msg) = match self.exchange(&method, path, query, filter, body).await {
                 Ok(answer) => return Ok(answer),
                 Err(Failure::Refused(r)) => return Err(Failure::Refused(r)),
-                Err(Failure::Throttled(wait, msg)) if !wait.is_zero() => (wait, msg),
-                Err(Failure::Throttled(_, msg) | Failure::Unknown(msg)) => (backoff, msg),
+                Err(Failure::Throttled(wait, msg)) => (wait, msg),
+                Err(Failure::Unknown(msg)) => (Duration::ZERO, msg),
             };
-            if attempt >= MAX_ATTEMPTS {
+            let Some(delay) = backoff.next_delay() else {
                 return Err(Failure::Unknown(format!(
                     "{msg} (gave up after {MAX_ATTEMPTS} attempts)"
                 )));
-            }
+            };
+            // A 429's Retry-After, when it gives one, wins over the backoff.
+            let wait = if retry_after.is_zero() {
+                delay
+            } else {
+                retry_after
+            };
             eprintln!("deployer: {msg}, retrying after {wait:?}");
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        unreachable!("the loop returns")
     }
 
     /// Why the existing instance `inst` may not be reused by `create` for run
@@ -513,12 +518,12 @@ impl Provider for Linode {
         // looks the label up, so a POST that took effect although its answer was lost
         // (a 5xx, a cut-off answer, a transport error) is found, not duplicated, and
         // only an instance this run created, with these settings, is reused.
-        let mut backoff = Duration::from_millis(500);
-        for attempt in 1.. {
+        let mut backoff = Backoff::new(MAX_ATTEMPTS, Duration::from_millis(500), MAX_BACKOFF);
+        loop {
             if let Some(existing) = self.find(label).await? {
                 return self.reuse(existing, region, rollout);
             }
-            let (wait, msg) = match self
+            let (fixed, msg) = match self
                 .exchange(&Method::POST, "/linode/instances", &[], None, Some(&body))
                 .await
             {
@@ -530,25 +535,26 @@ impl Provider for Linode {
                     })
                 }
                 // Linode refused it unprocessed: the same POST may go again.
-                Err(Failure::Throttled(wait, msg)) => {
-                    (if wait.is_zero() { backoff } else { wait }, msg)
-                }
-                Err(Failure::Unknown(msg)) => (backoff, format!("{msg}; it may have been created")),
+                Err(Failure::Throttled(wait, msg)) => ((!wait.is_zero()).then_some(wait), msg),
+                Err(Failure::Unknown(msg)) => (None, format!("{msg}; it may have been created")),
                 // Created meanwhile by someone else (or by a lost earlier attempt):
                 // the next lookup decides whether it may be reused.
-                Err(Failure::Refused(r)) if r.says("label", "unique") => (Duration::ZERO, r.msg),
+                Err(Failure::Refused(r)) if r.says("label", "unique") => {
+                    (Some(Duration::ZERO), r.msg)
+                }
                 Err(f @ Failure::Refused(_)) => return Err(f.into()),
             };
-            if attempt >= MAX_ATTEMPTS {
+            let Some(delay) = backoff.next_delay() else {
                 return Err(ProviderError::Api(format!(
                     "{msg} (gave up creating {label} after {MAX_ATTEMPTS} attempts)"
                 )));
-            }
+            };
+            // A 429's Retry-After, or at once after a unique-label refusal; else the
+            // backoff.
+            let wait = fixed.unwrap_or(delay);
             eprintln!("deployer: {msg}; looking {label} up again after {wait:?}");
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        unreachable!("the loop returns")
     }
 
     async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
