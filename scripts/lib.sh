@@ -10,7 +10,7 @@ as_root() {
 ensure_tools() {
     local missing=() pair cmd pkg
     for pair in named:bind9 named-checkzone:bind9-utils dig:dnsutils kdig:knot-dnsutils \
-                dnsperf:dnsperf ansible-playbook:ansible-core curl:curl ip:iproute2; do
+                nsupdate:bind9-dnsutils dnsperf:dnsperf ansible-playbook:ansible-core curl:curl ip:iproute2; do
         cmd=${pair%%:*}; pkg=${pair#*:}
         if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
             missing+=("$pkg")

@@ -10,6 +10,8 @@
 //! - [`lbclient`] — the dnslb admin API client (types shared with dnslb's
 //!   [`dnslb::api`]).
 //! - [`retry`] — the one retry policy for remote calls.
+//! - [`registrar`] — where the parent zone's glue changes (RFC 2136 UPDATE, manual),
+//!   and reading what the parent serves.
 //! - [`bake`] — bake analysis: judging each load balancer's own view of the new
 //!   servers (health, timeouts, SERVFAIL).
 //! - [`journal`] — the journal of the current rollout and the lock.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod journal;
 pub mod lbclient;
 pub mod provider;
+pub mod registrar;
 pub mod retry;
 pub mod rollout;
 pub mod verify;
