@@ -113,14 +113,34 @@ fn serve(
                     failure = Some(anyhow::anyhow!("a data-plane worker failed; exiting so the service manager restarts dnslb"));
                     break;
                 }
-                _ = usr2.recv() => match upgrade(&path, exe.as_deref(), &copies, &server).await {
-                    Ok(pid) => {
-                        tracing::info!(pid, "upgrade: the next dnslb is ready; handing over");
-                        handed_over = true;
-                        break;
+                _ = usr2.recv() => {
+                    let mut up = match start_upgrade(&path, exe.as_deref(), &copies, &server) {
+                        Ok(up) => up,
+                        Err(e) => {
+                            tracing::error!("upgrade failed, still serving: {e:#}");
+                            continue;
+                        }
+                    };
+                    // A stop while the child starts wins: the child is stopped with it.
+                    let outcome = tokio::select! {
+                        r = up.ready() => Some(r),
+                        _ = term.recv() => None,
+                        _ = int.recv() => None,
+                    };
+                    match outcome {
+                        Some(Ok(pid)) => {
+                            tracing::info!(pid, "upgrade: the next dnslb is ready; handing over");
+                            handed_over = true;
+                            break;
+                        }
+                        Some(Err(e)) => tracing::error!("upgrade failed, still serving: {e:#}"),
+                        None => {
+                            tracing::warn!("stop requested during the upgrade: the next dnslb is stopped too");
+                            up.abandon().await;
+                            break;
+                        }
                     }
-                    Err(e) => tracing::error!("upgrade failed, still serving: {e:#}"),
-                },
+                }
                 _ = hup.recv() => {
                     let _ = dnslb::systemd::notify("RELOADING=1");
                     match dnslb::Config::load(&path) {
@@ -145,15 +165,23 @@ fn serve(
     })
 }
 
-/// SIGUSR2: starts the next dnslb with every listening socket and waits until it
-/// says it is ready. Its process ID on success; on failure the child is gone and
-/// this process goes on serving.
-async fn upgrade(
+/// An upgrade in progress: the next dnslb, started, not yet ready.
+struct Upgrade {
+    child: std::process::Child,
+    ready: tokio::net::UnixStream,
+    pid: u32,
+    bin: PathBuf,
+    limit: Duration,
+}
+
+/// SIGUSR2: starts the next dnslb with every listening socket (after saving health,
+/// which it starts from). On failure nothing runs and this process goes on serving.
+fn start_upgrade(
     config_path: &Path,
     exe: Option<&Path>,
     copies: &[(OwnedFd, &'static str)],
     server: &dnslb::Server,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<Upgrade> {
     let cfg = dnslb::Config::load(config_path)
         .with_context(|| format!("{} is not valid; not upgrading", config_path.display()))?;
     let bin = cfg
@@ -163,35 +191,59 @@ async fn upgrade(
         .or(exe)
         .context("no binary to start: set server.upgrade_binary")?
         .to_path_buf();
-    // The child starts from this health, not from unknown.
     server.save_health();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let fds: Vec<_> = copies.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
-    let (mut child, ready) = handover::spawn_upgrade(&bin, &args, &fds)
+    let (child, ready) = handover::spawn_upgrade(&bin, &args, &fds)
         .with_context(|| format!("starting {}", bin.display()))?;
     let pid = child.id();
     tracing::info!(pid, binary = %bin.display(), "upgrade: started the next dnslb, waiting until it is ready");
     ready.set_nonblocking(true)?;
-    let mut ready = tokio::net::UnixStream::from_std(ready)?;
-    let mut buf = [0u8; 16];
-    let limit = Duration::from_millis(cfg.server.upgrade_timeout_ms);
-    match tokio::time::timeout(limit, ready.read(&mut buf)).await {
-        Ok(Ok(n)) if n > 0 => Ok(pid),
-        Ok(_) => {
-            // It closed its end without a word: it is exiting.
-            let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-            anyhow::bail!(
-                "the next dnslb (pid {pid}, {}) exited before it was ready: {status}",
-                bin.display()
-            )
+    Ok(Upgrade {
+        child,
+        ready: tokio::net::UnixStream::from_std(ready)?,
+        pid,
+        bin,
+        limit: Duration::from_millis(cfg.server.upgrade_timeout_ms),
+    })
+}
+
+impl Upgrade {
+    /// Waits until the child says it is ready: its process ID. A child that exits
+    /// first, or is not ready within the limit, is reaped (killed) and an error.
+    async fn ready(&mut self) -> anyhow::Result<u32> {
+        let mut buf = [0u8; 16];
+        let pid = self.pid;
+        match tokio::time::timeout(self.limit, self.ready.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Ok(pid),
+            Ok(_) => {
+                // It closed its end without a word: it is exiting.
+                let status = self.reap(false).await?;
+                anyhow::bail!(
+                    "the next dnslb (pid {pid}, {}) exited before it was ready: {status}",
+                    self.bin.display()
+                )
+            }
+            Err(_) => {
+                self.reap(true).await?;
+                anyhow::bail!(
+                    "the next dnslb (pid {pid}) was not ready within {} ms; killed it",
+                    self.limit.as_millis()
+                )
+            }
         }
-        Err(_) => {
-            let _ = child.kill();
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-            anyhow::bail!(
-                "the next dnslb (pid {pid}) was not ready within {} ms; killed it",
-                cfg.server.upgrade_timeout_ms
-            )
+    }
+
+    /// Stops a child that is not ready yet.
+    async fn abandon(mut self) {
+        let _ = self.reap(true).await;
+    }
+
+    async fn reap(&mut self, kill: bool) -> anyhow::Result<std::process::ExitStatus> {
+        if kill {
+            let _ = self.child.kill();
         }
+        // The child has exited or been killed: the wait is short.
+        Ok(tokio::task::block_in_place(|| self.child.wait())?)
     }
 }

@@ -390,3 +390,49 @@ fn an_upgrade_carries_health_to_the_next_process() {
     kill(next, "TERM");
     wait_gone(next);
 }
+
+#[test]
+fn a_stop_during_an_upgrade_stops_the_child_too() {
+    let ns = Named::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A "new binary" that starts and never becomes ready.
+    let slow = dir.path().join("slow-dnslb");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\necho $$ > \"$(dirname \"$0\")/child.pid\"\nexec sleep 60\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&slow).status().unwrap();
+    let mut lb = Dnslb::start(&config(
+        &[("a", ns.addr)],
+        &format!("[server]\nupgrade_binary = \"{}\"\n", slow.display()),
+    ));
+    lb.signal("USR2");
+    let pidfile = dir.path().join("child.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "the child never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let child: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid_alive(child));
+    lb.signal("TERM");
+    assert_eq!(
+        lb.wait(Duration::from_secs(10)),
+        Some(0),
+        "{:#?}",
+        lb.logs()
+    );
+    assert!(
+        lb.logs()
+            .iter()
+            .any(|l| l.contains("stop requested during the upgrade")),
+        "{:#?}",
+        lb.logs()
+    );
+    wait_gone(child);
+}
