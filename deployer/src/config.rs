@@ -80,6 +80,9 @@ pub struct Provider {
     /// Linode: the port nameservers answer DNS on.
     #[serde(default = "default_dns_port")]
     pub dns_port: u16,
+    /// How many instances are created (and waited for) at the same time.
+    #[serde(default = "default_parallel")]
+    pub max_parallel: usize,
     /// Linode: how long one API request may take before it counts as failed (and is
     /// retried, or looked up again for a create).
     #[serde(default = "default_request_timeout")]
@@ -120,6 +123,9 @@ fn default_boot_timeout() -> u64 {
 }
 fn default_dns_port() -> u16 {
     53
+}
+fn default_parallel() -> usize {
+    8
 }
 fn default_request_timeout() -> u64 {
     30
@@ -417,6 +423,9 @@ impl Config {
                     z.display()
                 ));
             }
+        }
+        if !(1..=64).contains(&self.provider.max_parallel) {
+            p.push("provider.max_parallel must be within 1..=64".into());
         }
         if !(0.0..=1.0).contains(&self.checks.bake_max_timeout_ratio) {
             p.push("checks.bake_max_timeout_ratio must be between 0 and 1".into());

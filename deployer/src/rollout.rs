@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{self, StreamExt};
 use serde::Serialize;
 
 use crate::ansible::{self, AnsibleError, Host};
@@ -561,18 +562,34 @@ impl<P: Provider> Deployer<P> {
             }
             j.save(&self.dir)?;
         }
-        for ns in &self.cfg.nameservers {
-            // Reuses an instance left by an interrupted run (found by label).
-            let inst = self
-                .provider
-                .create(&next_label(&ns.name), &ns.region, &j.id)
-                .await?;
-            j.new.insert(ns.name.clone(), inst);
+        // Creates, then waits, at most `provider.max_parallel` at a time; each result
+        // is journaled the moment it arrives. Reuses an instance left by an
+        // interrupted run (found by label).
+        let parallel = self.cfg.provider.max_parallel;
+        let id = j.id.clone();
+        let mut creates = stream::iter(&self.cfg.nameservers)
+            .map(|ns| {
+                let id = &id;
+                async move {
+                    let r = self
+                        .provider
+                        .create(&next_label(&ns.name), &ns.region, id)
+                        .await;
+                    (ns.name.clone(), r)
+                }
+            })
+            .buffer_unordered(parallel);
+        while let Some((ns, r)) = creates.next().await {
+            j.new.insert(ns, r?);
             j.save(&self.dir)?;
         }
-        for (ns, inst) in j.new.clone() {
-            let ready = self.provider.wait_ready(&inst).await?;
-            j.new.insert(ns, ready);
+        drop(creates);
+        let waiting = j.new.clone();
+        let mut waits = stream::iter(&waiting)
+            .map(|(ns, inst)| async move { (ns.clone(), self.provider.wait_ready(inst).await) })
+            .buffer_unordered(parallel);
+        while let Some((ns, r)) = waits.next().await {
+            j.new.insert(ns, r?);
             j.save(&self.dir)?;
         }
         Ok(j.new

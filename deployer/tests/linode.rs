@@ -875,3 +875,121 @@ fn fault_matrix_provider_calls_that_fail_or_time_out_converge_under_load() {
         report.join("\n")
     );
 }
+
+/// A fleet of 20 nameservers behind 10 load balancers (two each) against the fake:
+/// bootstrap and a full rollout complete, creates and waits run concurrently but at
+/// most `max_parallel` at a time (read from the order of the fake's requests), and
+/// the time it takes is reported.
+#[test]
+fn scale_a_rollout_of_twenty_nameservers_behind_ten_load_balancers() {
+    const NS: usize = 20;
+    const LBS: usize = 10;
+    const PARALLEL: usize = 4;
+    let lbs: Vec<Dnslb> = (0..LBS)
+        .map(|_| Dnslb::start(&lb_config(&[], "")))
+        .collect();
+    let api = fake_linode::start(
+        Ipv4Addr::new(127, 73, 0, 0),
+        true,
+        common::free_port(),
+        Duration::from_millis(300),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let dns_port = common::free_port();
+    let r = repo();
+    let mut text = format!(
+        r#"[provider]
+kind = "linode"
+state_dir = "{state}"
+api_url = "{api}"
+type = "g6-nanode-1"
+image = "linode/debian12"
+authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDeployerTestKeyOnly deployer@test"]
+ssh_port = {ssh}
+dns_port = {dns_port}
+poll_interval_ms = 100
+provision_local = true
+max_parallel = {PARALLEL}
+[ansible]
+playbook = "{r}/ansible/playbook.yml"
+zones_dir = "{r}/ansible/zones"
+[checks]
+bake_s = 1
+"#,
+        state = dir.path().join("state").display(),
+        api = api.url,
+        ssh = api.fake.ssh_port,
+        r = r.display(),
+    );
+    for i in 1..=NS {
+        text.push_str(&format!(
+            "[[nameserver]]\nname = \"ns{i}\"\nregion = \"us-west\"\n"
+        ));
+    }
+    for (k, lb) in lbs.iter().enumerate() {
+        text.push_str(&format!(
+            "[[load_balancer]]\nname = \"lb{}\"\nadmin_url = \"http://{}\"\ndns = \"{}\"\nregion = \"us-west\"\nnameservers = [\"ns{}\", \"ns{}\"]\n",
+            k + 1,
+            lb.admin,
+            lb.dns,
+            2 * k + 1,
+            2 * k + 2
+        ));
+    }
+    std::fs::write(dir.path().join("deployer.toml"), text).unwrap();
+    let cli = support::Cli {
+        config: dir.path().join("deployer.toml"),
+        env: vec![("LINODE_TOKEN", TOKEN.to_string())],
+        secret: Some(TOKEN),
+    };
+    let t0 = std::time::Instant::now();
+    cli.ok(&["bootstrap"]);
+    let bootstrap_s = t0.elapsed().as_secs_f64();
+    let first_ids: Vec<u64> = api.fake.linodes().iter().map(|l| l.id).collect();
+    let skip = api.fake.requests().len();
+    let t1 = std::time::Instant::now();
+    let out = cli.run(&["rollout"]);
+    let rollout_s = t1.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let now = api.fake.linodes();
+    assert_eq!(now.len(), NS, "one instance per nameserver");
+    assert!(
+        now.iter().all(|l| !first_ids.contains(&l.id)),
+        "all replaced"
+    );
+    for lb in &lbs {
+        let set: Value = serde_json::from_str(&lb.http("GET", "/v1/backends", None).1).unwrap();
+        assert_eq!(set["backends"].as_array().unwrap().len(), 2, "{set}");
+        support::assert_answers_through(lb.dns);
+    }
+    // Waits overlap, at most PARALLEL at a time: an instance is "being waited for"
+    // from its first status poll to the read of its addresses, which ends the wait.
+    let log: Vec<String> = api.fake.requests()[skip..]
+        .iter()
+        .filter(|(m, _, _)| m == "GET")
+        .map(|(_, p, _)| p.clone())
+        .collect();
+    let spans: Vec<(usize, usize)> = now
+        .iter()
+        .filter_map(|l| {
+            let poll = format!("/linode/instances/{}", l.id);
+            let start = log.iter().position(|p| *p == poll)?;
+            let end = log.iter().position(|p| *p == format!("{poll}/ips"))?;
+            Some((start, end))
+        })
+        .collect();
+    assert_eq!(spans.len(), NS, "every new instance was waited for");
+    let most = (0..log.len())
+        .map(|k| spans.iter().filter(|(a, b)| *a <= k && k <= *b).count())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        (2..=PARALLEL).contains(&most),
+        "{most} instances waited for at once (want 2..={PARALLEL})"
+    );
+    eprintln!(
+        "scale: {NS} nameservers behind {LBS} load balancers: bootstrap {bootstrap_s:.1}s, rollout {rollout_s:.1}s (max_parallel {PARALLEL}, {most} waited for at once)"
+    );
+    let _ = cli.run(&["destroy", "--yes"]);
+}
