@@ -19,6 +19,8 @@
 //!   connections.
 //! - `batch` — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
 //! - `control` — how the server tells a worker thread to drain or stop.
+//! - [`edge`] — edge protection: the `[acl]` lists, the per-worker response rate
+//!   limiter (`[rate_limit]`), TCP connections per client.
 //! - [`metrics`] — metric names and handles, and the per-backend series.
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker), or taking
@@ -29,7 +31,7 @@
 //!   entry point and graceful shutdown; nothing else imports it.
 //! - [`systemd`] — `sd_notify`.
 //!
-//! Modules form a DAG: `config`/`packet` → `metrics` → `backends` → `shared` →
+//! Modules form a DAG: `config`/`packet` → `metrics`/`edge` → `backends` → `shared` →
 //! `health`/`admin` → `udp`/`tcp` → `server`; `api` sits beside `backends`, and
 //! `sockets`/`handover` below `server`.
 #![warn(missing_docs)]
@@ -40,6 +42,7 @@ pub mod backends;
 mod batch;
 pub mod config;
 mod control;
+pub mod edge;
 pub mod handover;
 pub mod health;
 pub mod metrics;

@@ -30,7 +30,10 @@
 //! Limits: `tcp.max_connections` (over all workers), `max_inflight_per_connection`
 //! (reading pauses at it), `idle_timeout_ms` (no query in flight, a frame half sent,
 //! or answers the client does not read), `max_message_size` (larger length prefixes
-//! close the connection). Timers have the tick's resolution (50 ms).
+//! close the connection), `max_connections_per_client` (checked at accept, with the
+//! `[acl]`), `max_connection_lifetime_ms` and `max_queries_per_connection` (after
+//! either the connection reads no more, has its answers written, and is closed).
+//! Timers have the tick's resolution (50 ms).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -45,6 +48,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::Poller;
 use crate::control::{Control, DRAIN, HARD_STOP};
+use crate::edge::ClientSlot;
 use crate::packet::{self, Drop, QuestionKey};
 use crate::shared::{Shared, Tunables, WORKER_TICK};
 
@@ -394,6 +398,12 @@ struct Client {
     partial_since: Option<Instant>,
     /// Held while the connection is open (`tcp.max_connections`).
     _permit: OwnedSemaphorePermit,
+    /// Held while the connection is open (`tcp.max_connections_per_client`).
+    _client_slot: ClientSlot,
+    /// When it was accepted (`tcp.max_connection_lifetime_ms`).
+    opened: Instant,
+    /// Queries read from it (`tcp.max_queries_per_connection`).
+    queries: u64,
 }
 
 /// A query on a backend connection, waiting for its answer.
@@ -696,10 +706,10 @@ impl TcpWorker {
             let Some(listener) = &self.listeners[index] else {
                 return Ok(());
             };
-            let stream = match listener.accept() {
-                Ok((s, _)) => {
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => {
                     self.accepting.works();
-                    s
+                    accepted
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The queue is empty: accepting works.
@@ -727,6 +737,19 @@ impl TcpWorker {
                 }
             };
             let metrics = &self.shared.metrics;
+            let tun = &self.tunables.tcp;
+            if !self.tunables.acl.allows(peer.ip()) {
+                metrics.drop_tcp(Drop::Acl);
+                continue;
+            }
+            let Some(client_slot) = self
+                .shared
+                .client_connections
+                .try_acquire(peer.ip(), tun.max_connections_per_client)
+            else {
+                metrics.drop_tcp(Drop::ClientConnections);
+                continue;
+            };
             let Ok(permit) = self.shared.tcp_connections.clone().try_acquire_owned() else {
                 metrics.drop_tcp(Drop::TooManyConnections);
                 continue;
@@ -749,6 +772,9 @@ impl TcpWorker {
                 hup: false,
                 partial_since: None,
                 _permit: permit,
+                _client_slot: client_slot,
+                opened: now,
+                queries: 0,
             })));
             // Bytes that arrived before registering are reported at once.
             let fd = self.conns.get_mut(t).and_then(|c| c.fd());
@@ -840,6 +866,11 @@ impl TcpWorker {
         // A client whose connection failed is closed at the end of the wake-up:
         // nothing more of it is forwarded.
         while c.reading && !c.out.failed {
+            if c.queries >= tun.tcp.max_queries_per_connection {
+                // Its last query is answered, then it is closed.
+                c.reading = false;
+                return took;
+            }
             if c.inflight >= tun.tcp.max_inflight_per_connection || c.out.buf.len() > OUTBOX_LIMIT {
                 c.paused = true;
                 return took;
@@ -847,6 +878,7 @@ impl TcpWorker {
             match c.rd.next(tun.tcp.max_message_size) {
                 Next::Frame(a, b) => {
                     took = true;
+                    c.queries += 1;
                     if !self.on_query(t, c, a, b, &tun, now) {
                         c.reading = false;
                     }
@@ -1270,6 +1302,7 @@ impl TcpWorker {
         }
         let tun = self.tunables.clone();
         let idle = Duration::from_millis(tun.tcp.idle_timeout_ms);
+        let lifetime = Duration::from_millis(tun.tcp.max_connection_lifetime_ms);
         let connect_timeout = Duration::from_millis(tun.query_timeout_ms);
         let backend_idle = Duration::from_millis(tun.tcp.backend_idle_timeout_ms);
         let (mut expired, mut retired) = (Vec::new(), Vec::new());
@@ -1282,7 +1315,10 @@ impl TcpWorker {
                         if half_sent {
                             self.shared.metrics.drop_tcp(Drop::PartialFrame);
                         }
-                        if half_sent || (quiet && !c.rd.has_partial()) {
+                        // Old enough: reads no more, closes once its answers are
+                        // written (a frame half read is dropped with it).
+                        let old = c.opened + lifetime <= now;
+                        if half_sent || old || (quiet && !c.rd.has_partial()) {
                             c.reading = false;
                             queue(&mut self.woken, t, &mut c.woken);
                         }
