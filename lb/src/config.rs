@@ -837,6 +837,62 @@ mod tests {
     }
 
     #[test]
+    fn the_spec_edge_protection_keys_parse_and_bad_ones_are_all_listed() {
+        let c = Config::parse(GOOD).unwrap();
+        assert!(c.rate_limit.is_none(), "rate limiting is off when absent");
+        assert_eq!(c.acl, AclConfig::default());
+        assert_eq!(c.tcp.max_connections_per_client, 20);
+        let spec = format!(
+            "{GOOD}\n[acl]\nallow = [\"0.0.0.0/0\", \"::/0\"]\ndeny = []\n\
+             [rate_limit]\nresponses_per_second = 20\nburst = 40\nipv4_prefix = 24\n\
+             ipv6_prefix = 56\nslip = 2\nexempt = [\"127.0.0.1/32\"]\nmax_clients = 100000\n\
+             [tcp]\nmax_connections_per_client = 20\nmax_connection_lifetime_ms = 120000\n\
+             max_queries_per_connection = 10000\n"
+        );
+        let c = Config::parse(&spec).unwrap();
+        let r = c.rate_limit.unwrap();
+        assert_eq!((r.responses_per_second, r.burst, r.slip), (20, 40, 2));
+        assert_eq!(r.exempt, vec!["127.0.0.1/32".to_string()]);
+        // An empty table turns it on with the defaults.
+        let on = Config::parse(&format!("{GOOD}\n[rate_limit]\n")).unwrap();
+        assert_eq!(on.rate_limit, Some(RateLimit::default()));
+        let bad = format!(
+            "{GOOD}\n[acl]\nallow = [\"10.0.0.1/8\", \"nope\"]\ndeny = [\"::/129\"]\n\
+             [rate_limit]\nresponses_per_second = 0\nipv4_prefix = 33\nexempt = [\"1.2.3.4/40\"]\n\
+             max_clients = 0\nburts = 1\n[tcp]\nmax_connections_per_client = 0\n"
+        );
+        let ConfigError::Invalid(p) = Config::parse(&bad).unwrap_err() else {
+            panic!()
+        };
+        for needle in [
+            "host bits set",
+            "\"nope\"",
+            "acl.deny",
+            "responses_per_second",
+            "ipv4_prefix",
+            "rate_limit.exempt",
+            "max_clients",
+            "burts",
+            "max_connections_per_client",
+        ] {
+            assert!(
+                p.iter().any(|m| m.contains(needle)),
+                "{needle} missing in {p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cidrs_parse_with_or_without_a_length() {
+        let c: Cidr = "192.0.2.0/24".parse().unwrap();
+        assert_eq!(c.len, 24);
+        let h: Cidr = "2001:db8::1".parse().unwrap();
+        assert_eq!(h.len, 128);
+        assert!("192.0.2.1/24".parse::<Cidr>().is_err());
+        assert!("0.0.0.0/0".parse::<Cidr>().is_ok());
+    }
+
+    #[test]
     fn bad_policy_is_an_error() {
         let text = format!("{GOOD}\n[balance]\npolicy = \"fastest\"\n");
         assert!(Config::parse(&text).is_err());

@@ -21,6 +21,8 @@
 //! - `control` — how the server tells a worker thread to drain or stop.
 //! - [`edge`] — edge protection: the `[acl]` lists, the per-worker response rate
 //!   limiter (`[rate_limit]`), TCP connections per client.
+//! - `fuzz` — the bodies of the fuzz targets in `lb/fuzz/` (query parsing, answer
+//!   matching, TCP framing), also run by stable tests; uses `packet` and `tcp`.
 //! - [`metrics`] — metric names and handles, and the per-backend series.
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker), or taking
@@ -43,6 +45,8 @@ mod batch;
 pub mod config;
 mod control;
 pub mod edge;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handover;
 pub mod health;
 pub mod metrics;

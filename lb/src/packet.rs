@@ -330,7 +330,9 @@ pub fn servfail_in_place(msg: &mut [u8], question_end: Option<usize>) -> usize {
 /// Turns the query in `msg` into the empty truncated answer that rate limiting
 /// "slips" (as BIND's RRL does): QR=1, TC=1, NOERROR, the question, no records, and the
 /// OPT record as [`servfail_in_place`] keeps it. A real client retries over TCP; a
-/// spoofed victim gets no more bytes than the query had. Returns the new length.
+/// spoofed victim gets no more bytes than the query had. Meant for a query whose
+/// question parsed (`question_end` is `Some`): the answer echoes it. Returns the new
+/// length.
 pub fn truncated_in_place(msg: &mut [u8], question_end: Option<usize>) -> usize {
     empty_answer_in_place(msg, question_end, 0, true)
 }

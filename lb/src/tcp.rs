@@ -265,14 +265,14 @@ fn queue(list: &mut Vec<Token>, t: Token, queued: &mut bool) {
 }
 
 /// Reads length-prefixed frames from a stream into one growing buffer.
-struct FrameReader {
+pub(crate) struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
 /// What the next buffered bytes hold.
-enum Next {
+pub(crate) enum Next {
     /// A whole frame at `buf[start..end]` (without its prefix).
     Frame(usize, usize),
     /// More bytes are needed.
@@ -294,7 +294,7 @@ enum Filled {
 }
 
 impl FrameReader {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         FrameReader {
             buf: vec![0; 16 * 1024],
             start: 0,
@@ -302,12 +302,12 @@ impl FrameReader {
         }
     }
 
-    fn has_partial(&self) -> bool {
+    pub(crate) fn has_partial(&self) -> bool {
         self.start < self.end
     }
 
     /// The next frame, if buffered whole; `max` bounds its length.
-    fn next(&mut self, max: usize) -> Next {
+    pub(crate) fn next(&mut self, max: usize) -> Next {
         let avail = self.end - self.start;
         if avail < 2 {
             return Next::Partial;
@@ -343,6 +343,21 @@ impl FrameReader {
                 Err(_) => Filled::Failed,
             };
         }
+    }
+
+    /// The bytes of a frame [`FrameReader::next`] returned.
+    pub(crate) fn frame(&self, a: usize, b: usize) -> &[u8] {
+        &self.buf[a..b]
+    }
+
+    /// Takes bytes as a read of the socket would (for the fuzz targets): up to the
+    /// room one read has; returns how many it took.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> usize {
+        self.make_room();
+        let n = bytes.len().min(self.buf.len() - self.end);
+        self.buf[self.end..self.end + n].copy_from_slice(&bytes[..n]);
+        self.end += n;
+        n
     }
 
     /// Moves a partial frame to the front when the room after it runs short, and grows

@@ -615,13 +615,14 @@ fn on_query(
     // Limited before it is forwarded: its answer would not be sent (see `edge`).
     match limiter.check(client.ip(), now) {
         Verdict::Pass => {}
-        Verdict::Drop => {
-            counts.limited_drop += 1;
-            return Action::None;
-        }
-        Verdict::Slip => {
+        // A slipped answer echoes the question: one that did not parse gets none.
+        Verdict::Slip if q.question_end.is_some() => {
             counts.limited_slip += 1;
             return Action::Reply(packet::truncated_in_place(msg, q.question_end));
+        }
+        Verdict::Drop | Verdict::Slip => {
+            counts.limited_drop += 1;
+            return Action::None;
         }
     }
     let snap = shared.set.load();
