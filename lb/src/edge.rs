@@ -293,7 +293,7 @@ impl RateLimiter {
             return Verdict::Pass;
         }
         e.limited = e.limited.wrapping_add(1);
-        if slip != 0 && e.limited % slip == 0 {
+        if slip != 0 && e.limited.is_multiple_of(slip) {
             Verdict::Slip
         } else {
             Verdict::Drop

@@ -163,6 +163,20 @@ mod tests {
             })
     }
 
+    /// What cargo-fuzz found (a compression pointer into the header: the header of
+    /// the answer differs from the query's, so its question hashed differently).
+    #[test]
+    fn crashes_found_by_fuzzing_stay_fixed() {
+        query_parsing(&[
+            10, 2, 0, 114, 0, 6, 1, 0, 0, 0, 22, 0, 0, 0, 0, 6, 0, 0, 6, 0, 0, 0, 192, 0, 0, 0, 0,
+            13, 0, 0, 0, 16, 0, 0, 0, 1, 8, 0, 0, 6, 6, 6, 6, 6, 220, 13, 0, 0, 0, 0, 0, 0, 0, 0,
+            13, 0, 0, 0, 16, 0,
+        ]);
+        answer_matching(&[
+            152, 8, 0, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1, 192, 0, 0, 0, 0, 0, 243, 0, 210, 1, 0, 210,
+        ]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 

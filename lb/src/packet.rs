@@ -270,7 +270,9 @@ fn hash_name(msg: &[u8], mut pos: usize, h: &mut Fnv) -> Option<usize> {
             0xc0 => {
                 let ptr = (usize::from(len & 0x3f) << 8) | usize::from(*msg.get(pos + 1)?);
                 // Only backwards pointers: that bounds the walk and rules out loops.
-                if ptr >= pos {
+                // None into the header: no name starts there, and the bytes there
+                // are not the same in the query and its answer (found by fuzzing).
+                if ptr >= pos || ptr < HEADER_LEN {
                     return None;
                 }
                 end.get_or_insert(pos + 2);
@@ -453,6 +455,11 @@ mod tests {
         m.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1]);
         let (_, end) = question(&m).unwrap();
         assert_eq!(end, first + 6);
+        // A pointer into the header is refused: those bytes differ in the answer.
+        let mut hdr = m[..12].to_vec();
+        hdr[5] = 1;
+        hdr.extend_from_slice(&[0xc0, 2, 0, 1, 0, 1]);
+        assert_eq!(question(&hdr), None);
         // A pointer to itself is refused.
         let mut bad = m[..12].to_vec();
         bad[5] = 1;
