@@ -246,16 +246,26 @@ pub fn question(msg: &[u8]) -> Option<(u64, usize)> {
 }
 
 /// Hashes one name starting at `pos`; returns the offset after it in the message.
+/// A compression pointer must point backwards, past the header, and what it points
+/// at must end before the pointer itself (it names an earlier occurrence): so the
+/// walk reads only bytes of the question section before the name's end, never loops,
+/// and hashes the same in a query and in the answer dnslb makes of it, whose header
+/// and records differ (found by fuzzing).
 fn hash_name(msg: &[u8], mut pos: usize, h: &mut Fnv) -> Option<usize> {
     let mut end = None;
     let mut total = 0usize;
+    // Bytes at or past `limit` may not be read (the latest pointer's position).
+    let mut limit = msg.len();
     loop {
-        let len = *msg.get(pos)?;
+        let len = *msg.get(pos).filter(|_| pos < limit)?;
         match len & 0xc0 {
             0x00 => {
                 h.byte(len);
                 if len == 0 {
                     return Some(end.unwrap_or(pos + 1));
+                }
+                if pos + 1 + len as usize > limit {
+                    return None;
                 }
                 let label = msg.get(pos + 1..pos + 1 + len as usize)?;
                 total += 1 + label.len();
@@ -268,14 +278,15 @@ fn hash_name(msg: &[u8], mut pos: usize, h: &mut Fnv) -> Option<usize> {
                 pos += 1 + len as usize;
             }
             0xc0 => {
+                if pos + 1 >= limit {
+                    return None;
+                }
                 let ptr = (usize::from(len & 0x3f) << 8) | usize::from(*msg.get(pos + 1)?);
-                // Only backwards pointers: that bounds the walk and rules out loops.
-                // None into the header: no name starts there, and the bytes there
-                // are not the same in the query and its answer (found by fuzzing).
                 if ptr >= pos || ptr < HEADER_LEN {
                     return None;
                 }
                 end.get_or_insert(pos + 2);
+                limit = pos;
                 pos = ptr;
             }
             _ => return None,
