@@ -34,8 +34,9 @@
 //! - [`systemd`] — `sd_notify`.
 //!
 //! Modules form a DAG: `config`/`packet` → `metrics`/`edge` → `backends` → `shared` →
-//! `health`/`admin` → `udp`/`tcp` → `server`; `api` sits beside `backends`, and
-//! `sockets`/`handover` below `server`.
+//! `health`/`admin` → `udp`/`tcp` → `server`; `api` sits beside `backends`,
+//! `sockets`/`handover` below `server`, and `fuzz` beside `server` (it drives `packet`
+//! and the TCP framing of `tcp`; nothing imports it).
 #![warn(missing_docs)]
 
 pub mod admin;

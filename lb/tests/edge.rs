@@ -418,3 +418,42 @@ fn a_slowloris_client_holds_no_slot_past_the_idle_timeout() {
     assert!(eventually(T, || tcp_from("127.0.0.5", lb.dns)
         .is_ok_and(|mut s| answered_over_tcp(&mut s))));
 }
+
+/// `[acl]` and `[rate_limit]` are SIGHUP tunables: turned on, then off, while the
+/// process runs.
+#[test]
+fn acl_and_rate_limit_are_reloaded_on_sighup() {
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(&[("ns1", ns.addr)], ""));
+    let before = flood("127.0.0.3", lb.dns, 500, Duration::from_millis(500));
+    assert_eq!(before.answered, before.sent, "no limit yet: {before:?}");
+    let path = lb.dir.path().join("dnslb.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let reloads = |lb: &Dnslb| {
+        lb.logs()
+            .iter()
+            .filter(|l| l.contains("configuration reloaded"))
+            .count()
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "{text}[rate_limit]\nresponses_per_second = 10\nburst = 10\nipv4_prefix = 32\nslip = 0\n\
+             [acl]\ndeny = [\"127.0.0.4/32\"]\n"
+        ),
+    )
+    .unwrap();
+    lb.signal("HUP");
+    assert!(eventually(T, || reloads(&lb) == 1));
+    let limited = flood("127.0.0.3", lb.dns, 500, Duration::from_millis(500));
+    assert!(limited.answered <= 10 + 10, "{limited:?}");
+    assert_eq!(limited.truncated, 0, "slip = 0");
+    let denied = flood("127.0.0.4", lb.dns, 100, Duration::from_millis(300));
+    assert_eq!(denied.answered + denied.truncated, 0, "{denied:?}");
+    // Off again.
+    std::fs::write(&path, &text).unwrap();
+    lb.signal("HUP");
+    assert!(eventually(T, || reloads(&lb) == 2));
+    let after = flood("127.0.0.3", lb.dns, 500, Duration::from_millis(500));
+    assert_eq!(after.answered, after.sent, "{after:?}");
+}
