@@ -42,6 +42,10 @@ pub struct Config {
     pub health: HealthConfig,
     /// TCP limits (RFC 7766 connection management).
     pub tcp: Tcp,
+    /// Which clients may query at all.
+    pub acl: AclConfig,
+    /// Response rate limiting per client prefix (UDP); off when the table is absent.
+    pub rate_limit: Option<RateLimit>,
     /// Process-level tunables.
     pub server: Server,
     /// Seeds the backend set when no state file exists yet.
@@ -192,6 +196,17 @@ pub struct Tcp {
     pub backend_pipeline: usize,
     /// Connections to one backend, per worker.
     pub backend_max_connections: usize,
+    /// Client connections open at once from one client (an IPv4 address, or an
+    /// IPv6 /64), over all listeners and workers; more are closed on accept, so one
+    /// client cannot take every slot of `max_connections`.
+    pub max_connections_per_client: usize,
+    /// A client connection open this long reads no more queries: its answers are
+    /// written and it is closed (a client that keeps a slot busy forever gives it
+    /// back; RFC 7766 lets a server close when it likes).
+    pub max_connection_lifetime_ms: u64,
+    /// After this many queries a client connection reads no more; it is closed once
+    /// they are answered.
+    pub max_queries_per_connection: u64,
 }
 
 impl Default for Tcp {
@@ -204,7 +219,146 @@ impl Default for Tcp {
             backend_idle_timeout_ms: 20_000,
             backend_pipeline: 64,
             backend_max_connections: 8,
+            max_connections_per_client: 20,
+            max_connection_lifetime_ms: 120_000,
+            max_queries_per_connection: 10_000,
         }
+    }
+}
+
+/// `[acl]`: which clients may query. A client matching `deny` is refused; otherwise
+/// it must match `allow`. Refused UDP queries are dropped, refused TCP connections
+/// closed at accept; both are counted (`dnslb_dropped_total{reason="acl"}`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    /// CIDRs (IPv4 and IPv6) allowed; default everyone.
+    pub allow: Vec<String>,
+    /// CIDRs refused, checked first.
+    pub deny: Vec<String>,
+}
+
+impl Default for AclConfig {
+    fn default() -> Self {
+        AclConfig {
+            allow: vec!["0.0.0.0/0".into(), "::/0".into()],
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// `[rate_limit]`: response rate limiting (RRL) of UDP answers per client prefix.
+/// A token bucket per prefix: `burst` tokens, refilled at `responses_per_second`;
+/// a query that finds no token is not forwarded, and every `slip`-th such query gets
+/// an empty TC=1 answer so a real client retries over TCP (which is not limited).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    /// Sustained answers per second to one prefix.
+    pub responses_per_second: u32,
+    /// Answers one prefix may get at once above the rate (the bucket's size).
+    pub burst: u32,
+    /// IPv4 clients are grouped by this prefix length.
+    pub ipv4_prefix: u8,
+    /// IPv6 clients are grouped by this prefix length.
+    pub ipv6_prefix: u8,
+    /// Every `slip`-th limited query gets an empty TC=1 answer; 0 drops them all.
+    pub slip: u32,
+    /// CIDRs never limited (monitoring, known resolvers).
+    pub exempt: Vec<String>,
+    /// Prefixes tracked at once (over all UDP workers); the least recently seen is
+    /// forgotten first.
+    pub max_clients: usize,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            responses_per_second: 20,
+            burst: 40,
+            ipv4_prefix: 24,
+            ipv6_prefix: 56,
+            slip: 2,
+            exempt: Vec::new(),
+            max_clients: 100_000,
+        }
+    }
+}
+
+/// An IPv4 or IPv6 network, `addr/len` (a bare address is a host route). Host bits
+/// must be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The network address.
+    pub addr: std::net::IpAddr,
+    /// The prefix length.
+    pub len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network (addr/len)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            None => max,
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+        };
+        let masked = mask_ip(addr, len);
+        if masked != addr {
+            return Err(format!(
+                "{s:?} has host bits set (did you mean {masked}/{len}?)"
+            ));
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+/// `ip` with all but its first `len` bits cleared.
+pub fn mask_ip(ip: std::net::IpAddr, len: u8) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+/// Parses a CIDR list, one problem message per bad entry (prefixed with `what`).
+pub fn parse_cidrs(what: &str, list: &[String]) -> Result<Vec<Cidr>, Vec<String>> {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for s in list {
+        match s.parse() {
+            Ok(c) => out.push(c),
+            Err(e) => bad.push(format!("{what}: {e}")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(out)
+    } else {
+        Err(bad)
     }
 }
 
@@ -266,7 +420,16 @@ const SCHEMA: &[(&str, &[&str])] = &[
     (
         "",
         &[
-            "listen", "admin", "state", "balance", "health", "tcp", "server", "backend",
+            "listen",
+            "admin",
+            "state",
+            "balance",
+            "health",
+            "tcp",
+            "acl",
+            "rate_limit",
+            "server",
+            "backend",
         ],
     ),
     ("listen", &["dns", "admin"]),
@@ -294,6 +457,22 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "backend_idle_timeout_ms",
             "backend_pipeline",
             "backend_max_connections",
+            "max_connections_per_client",
+            "max_connection_lifetime_ms",
+            "max_queries_per_connection",
+        ],
+    ),
+    ("acl", &["allow", "deny"]),
+    (
+        "rate_limit",
+        &[
+            "responses_per_second",
+            "burst",
+            "ipv4_prefix",
+            "ipv6_prefix",
+            "slip",
+            "exempt",
+            "max_clients",
         ],
     ),
     (
@@ -438,6 +617,34 @@ impl Config {
         }
         if t.idle_timeout_ms == 0 || t.backend_idle_timeout_ms == 0 {
             p.push("tcp.idle_timeout_ms and tcp.backend_idle_timeout_ms must be > 0".into());
+        }
+        if t.max_connections_per_client == 0
+            || t.max_connection_lifetime_ms == 0
+            || t.max_queries_per_connection == 0
+        {
+            p.push("tcp.max_connections_per_client, tcp.max_connection_lifetime_ms and tcp.max_queries_per_connection must be >= 1".into());
+        }
+        if let Err(e) = parse_cidrs("acl.allow", &self.acl.allow) {
+            p.extend(e);
+        }
+        if let Err(e) = parse_cidrs("acl.deny", &self.acl.deny) {
+            p.extend(e);
+        }
+        if let Some(r) = &self.rate_limit {
+            if r.responses_per_second == 0 || r.burst == 0 {
+                p.push("rate_limit.responses_per_second and rate_limit.burst must be >= 1".into());
+            }
+            if r.ipv4_prefix > 32 || r.ipv6_prefix > 128 {
+                p.push(
+                    "rate_limit.ipv4_prefix must be <= 32 and rate_limit.ipv6_prefix <= 128".into(),
+                );
+            }
+            if r.max_clients == 0 {
+                p.push("rate_limit.max_clients must be >= 1".into());
+            }
+            if let Err(e) = parse_cidrs("rate_limit.exempt", &r.exempt) {
+                p.extend(e);
+            }
         }
         if self.server.workers > 256 {
             p.push("server.workers must be <= 256".into());
@@ -627,6 +834,62 @@ mod tests {
         };
         assert!(p.iter().any(|m| m.contains("server.workers")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("server.tcp_workers")), "{p:?}");
+    }
+
+    #[test]
+    fn the_spec_edge_protection_keys_parse_and_bad_ones_are_all_listed() {
+        let c = Config::parse(GOOD).unwrap();
+        assert!(c.rate_limit.is_none(), "rate limiting is off when absent");
+        assert_eq!(c.acl, AclConfig::default());
+        assert_eq!(c.tcp.max_connections_per_client, 20);
+        let spec = format!(
+            "{GOOD}\n[acl]\nallow = [\"0.0.0.0/0\", \"::/0\"]\ndeny = []\n\
+             [rate_limit]\nresponses_per_second = 20\nburst = 40\nipv4_prefix = 24\n\
+             ipv6_prefix = 56\nslip = 2\nexempt = [\"127.0.0.1/32\"]\nmax_clients = 100000\n\
+             [tcp]\nmax_connections_per_client = 20\nmax_connection_lifetime_ms = 120000\n\
+             max_queries_per_connection = 10000\n"
+        );
+        let c = Config::parse(&spec).unwrap();
+        let r = c.rate_limit.unwrap();
+        assert_eq!((r.responses_per_second, r.burst, r.slip), (20, 40, 2));
+        assert_eq!(r.exempt, vec!["127.0.0.1/32".to_string()]);
+        // An empty table turns it on with the defaults.
+        let on = Config::parse(&format!("{GOOD}\n[rate_limit]\n")).unwrap();
+        assert_eq!(on.rate_limit, Some(RateLimit::default()));
+        let bad = format!(
+            "{GOOD}\n[acl]\nallow = [\"10.0.0.1/8\", \"nope\"]\ndeny = [\"::/129\"]\n\
+             [rate_limit]\nresponses_per_second = 0\nipv4_prefix = 33\nexempt = [\"1.2.3.4/40\"]\n\
+             max_clients = 0\nburts = 1\n[tcp]\nmax_connections_per_client = 0\n"
+        );
+        let ConfigError::Invalid(p) = Config::parse(&bad).unwrap_err() else {
+            panic!()
+        };
+        for needle in [
+            "host bits set",
+            "\"nope\"",
+            "acl.deny",
+            "responses_per_second",
+            "ipv4_prefix",
+            "rate_limit.exempt",
+            "max_clients",
+            "burts",
+            "max_connections_per_client",
+        ] {
+            assert!(
+                p.iter().any(|m| m.contains(needle)),
+                "{needle} missing in {p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cidrs_parse_with_or_without_a_length() {
+        let c: Cidr = "192.0.2.0/24".parse().unwrap();
+        assert_eq!(c.len, 24);
+        let h: Cidr = "2001:db8::1".parse().unwrap();
+        assert_eq!(h.len, 128);
+        assert!("192.0.2.1/24".parse::<Cidr>().is_err());
+        assert!("0.0.0.0/0".parse::<Cidr>().is_ok());
     }
 
     #[test]

@@ -19,6 +19,10 @@
 //!   connections.
 //! - `batch` — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
 //! - `control` — how the server tells a worker thread to drain or stop.
+//! - [`edge`] — edge protection: the `[acl]` lists, the per-worker response rate
+//!   limiter (`[rate_limit]`), TCP connections per client.
+//! - `fuzz` — the bodies of the fuzz targets in `lb/fuzz/` (query parsing, answer
+//!   matching, TCP framing), also run by stable tests; uses `packet` and `tcp`.
 //! - [`metrics`] — metric names and handles, and the per-backend series.
 //! - [`state`] — persistence of the backend set.
 //! - [`sockets`] — binding listeners (SO_REUSEPORT, one per worker), or taking
@@ -29,9 +33,10 @@
 //!   entry point and graceful shutdown; nothing else imports it.
 //! - [`systemd`] — `sd_notify`.
 //!
-//! Modules form a DAG: `config`/`packet` → `metrics` → `backends` → `shared` →
-//! `health`/`admin` → `udp`/`tcp` → `server`; `api` sits beside `backends`, and
-//! `sockets`/`handover` below `server`.
+//! Modules form a DAG: `config`/`packet` → `metrics`/`edge` → `backends` → `shared` →
+//! `health`/`admin` → `udp`/`tcp` → `server`; `api` sits beside `backends`,
+//! `sockets`/`handover` below `server`, and `fuzz` beside `server` (it drives `packet`
+//! and the TCP framing of `tcp`; nothing imports it).
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -40,6 +45,9 @@ pub mod backends;
 mod batch;
 pub mod config;
 mod control;
+pub mod edge;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handover;
 pub mod health;
 pub mod metrics;

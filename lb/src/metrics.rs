@@ -34,6 +34,12 @@ pub const NO_BACKEND: &str = "dnslb_no_backend_servfail_total";
 pub const TCP_CONNECTIONS: &str = "dnslb_tcp_connections_total";
 /// TCP client connections open now.
 pub const TCP_CONNECTIONS_OPEN: &str = "dnslb_tcp_connections_open";
+/// UDP queries refused by response rate limiting, by `action`: `drop` (no answer) or
+/// `slip` (an empty TC=1 answer). Not in [`DROPPED`].
+pub const RATE_LIMITED: &str = "dnslb_rate_limited_total";
+/// Client prefixes the rate limiter forgot to make room for new ones
+/// (`rate_limit.max_clients` too small for the clients seen).
+pub const RATE_LIMIT_EVICTED: &str = "dnslb_rate_limit_evictions_total";
 /// Generation of the backend set.
 pub const GENERATION: &str = "dnslb_backend_set_generation";
 /// Health checks run, by `backend` and `result` (pass/fail).
@@ -73,6 +79,12 @@ pub struct DataPlane {
     pub tcp_connections: Counter,
     /// Open TCP connections.
     pub tcp_open: Gauge,
+    /// Queries rate limited without an answer.
+    pub rate_limited_drop: Counter,
+    /// Queries rate limited with a TC=1 answer.
+    pub rate_limited_slip: Counter,
+    /// Rate-limiter entries evicted.
+    pub rate_limit_evicted: Counter,
 }
 
 impl DataPlane {
@@ -90,6 +102,9 @@ impl DataPlane {
             no_backend_tcp: metrics::counter!(NO_BACKEND, "transport" => "tcp"),
             tcp_connections: metrics::counter!(TCP_CONNECTIONS),
             tcp_open: metrics::gauge!(TCP_CONNECTIONS_OPEN),
+            rate_limited_drop: metrics::counter!(RATE_LIMITED, "action" => "drop"),
+            rate_limited_slip: metrics::counter!(RATE_LIMITED, "action" => "slip"),
+            rate_limit_evicted: metrics::counter!(RATE_LIMIT_EVICTED),
         }
     }
 
@@ -97,6 +112,12 @@ impl DataPlane {
     #[inline]
     pub fn drop_udp(&self, reason: Drop) {
         self.dropped_udp[reason as usize].increment(1);
+    }
+
+    /// Counts `n` UDP drops.
+    #[inline]
+    pub fn drop_udp_n(&self, reason: Drop, n: u64) {
+        self.dropped_udp[reason as usize].increment(n);
     }
 
     /// Counts a TCP drop.

@@ -49,11 +49,16 @@ pub enum Drop {
     PartialFrame,
     /// A TCP connection refused on accept because `tcp.max_connections` are open.
     TooManyConnections,
+    /// A UDP query or TCP connection from a client the `[acl]` does not allow.
+    Acl,
+    /// A TCP connection refused on accept because its client has
+    /// `tcp.max_connections_per_client` open.
+    ClientConnections,
 }
 
 impl Drop {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Drop; 13] = [
+    pub const ALL: [Drop; 15] = [
         Drop::Short,
         Drop::ResponseToListener,
         Drop::QueryFromBackend,
@@ -67,6 +72,8 @@ impl Drop {
         Drop::BadLength,
         Drop::PartialFrame,
         Drop::TooManyConnections,
+        Drop::Acl,
+        Drop::ClientConnections,
     ];
 
     /// The metric label.
@@ -85,6 +92,8 @@ impl Drop {
             Drop::BadLength => "bad_length",
             Drop::PartialFrame => "partial_frame",
             Drop::TooManyConnections => "too_many_connections",
+            Drop::Acl => "acl",
+            Drop::ClientConnections => "too_many_client_connections",
         }
     }
 }
@@ -237,16 +246,26 @@ pub fn question(msg: &[u8]) -> Option<(u64, usize)> {
 }
 
 /// Hashes one name starting at `pos`; returns the offset after it in the message.
+/// A compression pointer must point backwards, past the header, and what it points
+/// at must end before the pointer itself (it names an earlier occurrence): so the
+/// walk reads only bytes of the question section before the name's end, never loops,
+/// and hashes the same in a query and in the answer dnslb makes of it, whose header
+/// and records differ (found by fuzzing).
 fn hash_name(msg: &[u8], mut pos: usize, h: &mut Fnv) -> Option<usize> {
     let mut end = None;
     let mut total = 0usize;
+    // Bytes at or past `limit` may not be read (the latest pointer's position).
+    let mut limit = msg.len();
     loop {
-        let len = *msg.get(pos)?;
+        let len = *msg.get(pos).filter(|_| pos < limit)?;
         match len & 0xc0 {
             0x00 => {
                 h.byte(len);
                 if len == 0 {
                     return Some(end.unwrap_or(pos + 1));
+                }
+                if pos + 1 + len as usize > limit {
+                    return None;
                 }
                 let label = msg.get(pos + 1..pos + 1 + len as usize)?;
                 total += 1 + label.len();
@@ -259,12 +278,15 @@ fn hash_name(msg: &[u8], mut pos: usize, h: &mut Fnv) -> Option<usize> {
                 pos += 1 + len as usize;
             }
             0xc0 => {
+                if pos + 1 >= limit {
+                    return None;
+                }
                 let ptr = (usize::from(len & 0x3f) << 8) | usize::from(*msg.get(pos + 1)?);
-                // Only backwards pointers: that bounds the walk and rules out loops.
-                if ptr >= pos {
+                if ptr >= pos || ptr < HEADER_LEN {
                     return None;
                 }
                 end.get_or_insert(pos + 2);
+                limit = pos;
                 pos = ptr;
             }
             _ => return None,
@@ -315,11 +337,31 @@ fn opt_do_bit(msg: &[u8], question_end: usize) -> Option<bool> {
 /// the query's DO bit, no options). Nothing else of the query is echoed. Returns the
 /// new length (never more than the query's).
 pub fn servfail_in_place(msg: &mut [u8], question_end: Option<usize>) -> usize {
+    empty_answer_in_place(msg, question_end, RCODE_SERVFAIL, false)
+}
+
+/// Turns the query in `msg` into the empty truncated answer that rate limiting
+/// "slips" (as BIND's RRL does): QR=1, TC=1, NOERROR, the question, no records, and the
+/// OPT record as [`servfail_in_place`] keeps it. A real client retries over TCP; a
+/// spoofed victim gets no more bytes than the query had. Meant for a query whose
+/// question parsed (`question_end` is `Some`): the answer echoes it. Returns the new
+/// length.
+pub fn truncated_in_place(msg: &mut [u8], question_end: Option<usize>) -> usize {
+    empty_answer_in_place(msg, question_end, 0, true)
+}
+
+/// An answer made of the query's header and question alone (see the callers).
+fn empty_answer_in_place(
+    msg: &mut [u8],
+    question_end: Option<usize>,
+    rcode: u8,
+    tc: bool,
+) -> usize {
     let dnssec_ok = question_end.and_then(|end| opt_do_bit(msg, end));
     let rd_opcode = msg[2] & 0x79; // opcode + RD
     let cd = msg[3] & 0x10;
-    msg[2] = 0x80 | rd_opcode;
-    msg[3] = cd | RCODE_SERVFAIL;
+    msg[2] = 0x80 | rd_opcode | if tc { 0x02 } else { 0 };
+    msg[3] = cd | rcode;
     let end = match question_end {
         Some(end) => end,
         None => {
@@ -424,6 +466,11 @@ mod tests {
         m.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1]);
         let (_, end) = question(&m).unwrap();
         assert_eq!(end, first + 6);
+        // A pointer into the header is refused: those bytes differ in the answer.
+        let mut hdr = m[..12].to_vec();
+        hdr[5] = 1;
+        hdr.extend_from_slice(&[0xc0, 2, 0, 1, 0, 1]);
+        assert_eq!(question(&hdr), None);
         // A pointer to itself is refused.
         let mut bad = m[..12].to_vec();
         bad[5] = 1;
@@ -476,6 +523,23 @@ mod tests {
             assert!(edns.options().as_ref().is_empty(), "options are not echoed");
             assert_eq!(response_matches(&q[..n], &parsed.key), Ok(()));
         }
+    }
+
+    #[test]
+    fn a_slipped_answer_is_an_empty_truncated_answer_to_the_query() {
+        let mut q = query_bytes("www.example.test.", RecordType::A);
+        q[2] |= 0x01; // RD
+        let parsed = parse_query(&q).unwrap();
+        let n = truncated_in_place(&mut q, parsed.question_end);
+        let m = Message::from_vec(&q[..n]).unwrap();
+        assert_eq!(m.id, 0x1234);
+        assert_eq!(m.message_type, MessageType::Response);
+        let h = &m.metadata;
+        assert!(h.truncation && h.recursion_desired && !h.authoritative);
+        assert_eq!(m.response_code, ResponseCode::NoError);
+        assert_eq!(m.queries.len(), 1);
+        assert!(m.answers.is_empty() && m.additionals.is_empty());
+        assert_eq!(response_matches(&q[..n], &parsed.key), Ok(()));
     }
 
     proptest! {

@@ -132,6 +132,8 @@ impl Server {
             tunables: ArcSwap::from_pointee(Tunables::from_config(&config)),
             metrics: metrics::DataPlane::new(),
             tcp_connections: Arc::new(Semaphore::new(config.tcp.max_connections)),
+            client_connections: Arc::default(),
+            udp_workers: listeners.udp.len(),
             state_path: config.state.path.clone(),
             admin_token: ArcSwap::from_pointee(token),
             started: Instant::now(),

@@ -31,6 +31,11 @@ pub struct Tunables {
     pub health: HealthConfig,
     /// TCP limits (all but `max_connections`, which needs a restart).
     pub tcp: crate::config::Tcp,
+    /// Who may query.
+    pub acl: crate::edge::Acl,
+    /// Response rate limiting (`None`: off); each UDP worker applies it to its own
+    /// table.
+    pub rate_limit: Option<crate::config::RateLimit>,
 }
 
 impl Tunables {
@@ -41,6 +46,8 @@ impl Tunables {
             query_timeout_ms: c.balance.query_timeout_ms,
             health: c.health.clone(),
             tcp: c.tcp.clone(),
+            acl: crate::edge::Acl::new(&c.acl),
+            rate_limit: c.rate_limit.clone(),
         }
     }
 }
@@ -55,6 +62,10 @@ pub struct Shared {
     pub metrics: metrics::DataPlane,
     /// Caps TCP client connections over all workers.
     pub tcp_connections: Arc<Semaphore>,
+    /// TCP client connections open per client, over all workers.
+    pub client_connections: Arc<crate::edge::ClientConns>,
+    /// UDP workers running (each applies its share of the rate limit).
+    pub udp_workers: usize,
     /// Where the set is persisted.
     pub state_path: PathBuf,
     /// The admin bearer token, if any (reloaded on SIGHUP).
@@ -69,13 +80,16 @@ impl Shared {
     /// Points a worker's copy of the tunables at the current ones if a reload changed
     /// them: one pointer comparison per wake-up, no atomics per query. A worker calls
     /// it before handling what woke it, so a query read after a reload returned is
-    /// handled with the new tunables, on every connection.
+    /// handled with the new tunables, on every connection. Returns whether they
+    /// changed.
     #[inline]
-    pub(crate) fn refresh_tunables(&self, mine: &mut Arc<Tunables>) {
+    pub(crate) fn refresh_tunables(&self, mine: &mut Arc<Tunables>) -> bool {
         let cur = self.tunables.load();
         if !Arc::ptr_eq(&cur, mine) {
             *mine = arc_swap::Guard::into_inner(cur);
+            return true;
         }
+        false
     }
 
     /// Changes the backend set under its writer lock, persisting the result before it

@@ -30,7 +30,10 @@
 //! Limits: `tcp.max_connections` (over all workers), `max_inflight_per_connection`
 //! (reading pauses at it), `idle_timeout_ms` (no query in flight, a frame half sent,
 //! or answers the client does not read), `max_message_size` (larger length prefixes
-//! close the connection). Timers have the tick's resolution (50 ms).
+//! close the connection), `max_connections_per_client` (checked at accept, with the
+//! `[acl]`), `max_connection_lifetime_ms` and `max_queries_per_connection` (after
+//! either the connection reads no more, has its answers written, and is closed).
+//! Timers have the tick's resolution (50 ms).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -45,6 +48,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::Poller;
 use crate::control::{Control, DRAIN, HARD_STOP};
+use crate::edge::ClientSlot;
 use crate::packet::{self, Drop, QuestionKey};
 use crate::shared::{Shared, Tunables, WORKER_TICK};
 
@@ -261,14 +265,14 @@ fn queue(list: &mut Vec<Token>, t: Token, queued: &mut bool) {
 }
 
 /// Reads length-prefixed frames from a stream into one growing buffer.
-struct FrameReader {
+pub(crate) struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
 /// What the next buffered bytes hold.
-enum Next {
+pub(crate) enum Next {
     /// A whole frame at `buf[start..end]` (without its prefix).
     Frame(usize, usize),
     /// More bytes are needed.
@@ -290,7 +294,7 @@ enum Filled {
 }
 
 impl FrameReader {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         FrameReader {
             buf: vec![0; 16 * 1024],
             start: 0,
@@ -298,12 +302,12 @@ impl FrameReader {
         }
     }
 
-    fn has_partial(&self) -> bool {
+    pub(crate) fn has_partial(&self) -> bool {
         self.start < self.end
     }
 
     /// The next frame, if buffered whole; `max` bounds its length.
-    fn next(&mut self, max: usize) -> Next {
+    pub(crate) fn next(&mut self, max: usize) -> Next {
         let avail = self.end - self.start;
         if avail < 2 {
             return Next::Partial;
@@ -339,6 +343,21 @@ impl FrameReader {
                 Err(_) => Filled::Failed,
             };
         }
+    }
+
+    /// The bytes of a frame [`FrameReader::next`] returned.
+    pub(crate) fn frame(&self, a: usize, b: usize) -> &[u8] {
+        &self.buf[a..b]
+    }
+
+    /// Takes bytes as a read of the socket would (for the fuzz targets): up to the
+    /// room one read has; returns how many it took.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> usize {
+        self.make_room();
+        let n = bytes.len().min(self.buf.len() - self.end);
+        self.buf[self.end..self.end + n].copy_from_slice(&bytes[..n]);
+        self.end += n;
+        n
     }
 
     /// Moves a partial frame to the front when the room after it runs short, and grows
@@ -394,6 +413,12 @@ struct Client {
     partial_since: Option<Instant>,
     /// Held while the connection is open (`tcp.max_connections`).
     _permit: OwnedSemaphorePermit,
+    /// Held while the connection is open (`tcp.max_connections_per_client`).
+    _client_slot: ClientSlot,
+    /// When it was accepted (`tcp.max_connection_lifetime_ms`).
+    opened: Instant,
+    /// Queries read from it (`tcp.max_queries_per_connection`).
+    queries: u64,
 }
 
 /// A query on a backend connection, waiting for its answer.
@@ -696,10 +721,10 @@ impl TcpWorker {
             let Some(listener) = &self.listeners[index] else {
                 return Ok(());
             };
-            let stream = match listener.accept() {
-                Ok((s, _)) => {
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => {
                     self.accepting.works();
-                    s
+                    accepted
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The queue is empty: accepting works.
@@ -727,6 +752,19 @@ impl TcpWorker {
                 }
             };
             let metrics = &self.shared.metrics;
+            let tun = &self.tunables.tcp;
+            if !self.tunables.acl.allows(peer.ip()) {
+                metrics.drop_tcp(Drop::Acl);
+                continue;
+            }
+            let Some(client_slot) = self
+                .shared
+                .client_connections
+                .try_acquire(peer.ip(), tun.max_connections_per_client)
+            else {
+                metrics.drop_tcp(Drop::ClientConnections);
+                continue;
+            };
             let Ok(permit) = self.shared.tcp_connections.clone().try_acquire_owned() else {
                 metrics.drop_tcp(Drop::TooManyConnections);
                 continue;
@@ -749,6 +787,9 @@ impl TcpWorker {
                 hup: false,
                 partial_since: None,
                 _permit: permit,
+                _client_slot: client_slot,
+                opened: now,
+                queries: 0,
             })));
             // Bytes that arrived before registering are reported at once.
             let fd = self.conns.get_mut(t).and_then(|c| c.fd());
@@ -840,6 +881,11 @@ impl TcpWorker {
         // A client whose connection failed is closed at the end of the wake-up:
         // nothing more of it is forwarded.
         while c.reading && !c.out.failed {
+            if c.queries >= tun.tcp.max_queries_per_connection {
+                // Its last query is answered, then it is closed.
+                c.reading = false;
+                return took;
+            }
             if c.inflight >= tun.tcp.max_inflight_per_connection || c.out.buf.len() > OUTBOX_LIMIT {
                 c.paused = true;
                 return took;
@@ -847,6 +893,7 @@ impl TcpWorker {
             match c.rd.next(tun.tcp.max_message_size) {
                 Next::Frame(a, b) => {
                     took = true;
+                    c.queries += 1;
                     if !self.on_query(t, c, a, b, &tun, now) {
                         c.reading = false;
                     }
@@ -1270,6 +1317,7 @@ impl TcpWorker {
         }
         let tun = self.tunables.clone();
         let idle = Duration::from_millis(tun.tcp.idle_timeout_ms);
+        let lifetime = Duration::from_millis(tun.tcp.max_connection_lifetime_ms);
         let connect_timeout = Duration::from_millis(tun.query_timeout_ms);
         let backend_idle = Duration::from_millis(tun.tcp.backend_idle_timeout_ms);
         let (mut expired, mut retired) = (Vec::new(), Vec::new());
@@ -1282,7 +1330,10 @@ impl TcpWorker {
                         if half_sent {
                             self.shared.metrics.drop_tcp(Drop::PartialFrame);
                         }
-                        if half_sent || (quiet && !c.rd.has_partial()) {
+                        // Old enough: reads no more, closes once its answers are
+                        // written (a frame half read is dropped with it).
+                        let old = c.opened + lifetime <= now;
+                        if half_sent || old || (quiet && !c.rd.has_partial()) {
                             c.reading = false;
                             queue(&mut self.woken, t, &mut c.woken);
                         }

@@ -25,6 +25,7 @@ use std::time::Instant;
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::{Poller, RecvBatch, SendBatch};
 use crate::control::{Control, DRAIN, HARD_STOP};
+use crate::edge::{RateLimiter, Verdict};
 use crate::packet::{self, Drop, QuestionKey};
 use crate::shared::{Shared, Tunables, WORKER_TICK};
 
@@ -210,6 +211,19 @@ pub(crate) struct UdpWorker {
     send: SendBatch,
     /// Outgoing datagrams of the batch being handled: upstream v4, v6, replies.
     out: [Vec<Out>; 3],
+    /// This worker's response rate limiter (see `edge` for why per worker).
+    limiter: RateLimiter,
+    /// Counts of the batch being handled, added to the shared counters once per batch.
+    edge: EdgeCounts,
+}
+
+/// Edge-protection counts of one batch: under a flood nearly every datagram is one
+/// of these, so they are added to the shared counters once per batch, not per query.
+#[derive(Default)]
+struct EdgeCounts {
+    acl: u64,
+    limited_drop: u64,
+    limited_slip: u64,
 }
 
 impl UdpWorker {
@@ -230,7 +244,10 @@ impl UdpWorker {
             l.set_nonblocking(true)?;
         }
         let tunables = shared.tunables.load_full();
+        let limiter = RateLimiter::new(tunables.rate_limit.as_ref(), shared.udp_workers);
         Ok(UdpWorker {
+            limiter,
+            edge: EdgeCounts::default(),
             shared,
             listeners,
             up4,
@@ -289,7 +306,9 @@ impl UdpWorker {
             poller.wait(&mut ready, next_tick.saturating_duration_since(now))?;
             // Before anything that woke it: a query read after a reload returned is
             // handled with the reloaded tunables.
-            self.shared.refresh_tunables(&mut self.tunables);
+            if self.shared.refresh_tunables(&mut self.tunables) {
+                self.limiter.configure(self.tunables.rate_limit.as_ref());
+            }
             // Answers first: they finish queries already in flight, and after a stall
             // they would otherwise queue behind the new queries of the same wake-up.
             ready.sort_unstable_by_key(|&t| !matches!(t, TOKEN_UP4 | TOKEN_UP6));
@@ -317,6 +336,25 @@ impl UdpWorker {
             }
         }
         Ok(())
+    }
+
+    /// Adds the batch's edge-protection counts to the shared counters.
+    fn count_edge(&mut self) {
+        let e = std::mem::take(&mut self.edge);
+        let m = &self.shared.metrics;
+        if e.acl > 0 {
+            m.drop_udp_n(Drop::Acl, e.acl);
+        }
+        if e.limited_drop > 0 {
+            m.rate_limited_drop.increment(e.limited_drop);
+        }
+        if e.limited_slip > 0 {
+            m.rate_limited_slip.increment(e.limited_slip);
+        }
+        let evicted = self.limiter.take_evicted();
+        if evicted > 0 {
+            m.rate_limit_evicted.increment(evicted);
+        }
     }
 
     /// Frees timed-out slots, charging their backends.
@@ -348,6 +386,7 @@ impl UdpWorker {
                     &self.tunables,
                     &mut self.picker,
                     &mut self.table,
+                    (&mut self.limiter, &mut self.edge),
                     self.up6.is_some(),
                     listener,
                     bytes,
@@ -369,6 +408,7 @@ impl UdpWorker {
                     Action::None => {}
                 }
             }
+            self.count_edge();
             for v6 in [false, true] {
                 let outs = &self.out[usize::from(v6)];
                 if outs.is_empty() {
@@ -553,6 +593,7 @@ fn on_query(
     tun: &Tunables,
     picker: &mut Picker,
     table: &mut Inflight,
+    (limiter, counts): (&mut RateLimiter, &mut EdgeCounts),
     have_v6: bool,
     listener: u16,
     msg: &mut [u8],
@@ -560,6 +601,10 @@ fn on_query(
     now: Instant,
 ) -> Action {
     let m = &shared.metrics;
+    if !tun.acl.allows(client.ip()) {
+        counts.acl += 1;
+        return Action::None;
+    }
     let q = match packet::parse_query(msg) {
         Ok(q) => q,
         Err(d) => {
@@ -567,6 +612,19 @@ fn on_query(
             return Action::None;
         }
     };
+    // Limited before it is forwarded: its answer would not be sent (see `edge`).
+    match limiter.check(client.ip(), now) {
+        Verdict::Pass => {}
+        // A slipped answer echoes the question: one that did not parse gets none.
+        Verdict::Slip if q.question_end.is_some() => {
+            counts.limited_slip += 1;
+            return Action::Reply(packet::truncated_in_place(msg, q.question_end));
+        }
+        Verdict::Drop | Verdict::Slip => {
+            counts.limited_drop += 1;
+            return Action::None;
+        }
+    }
     let snap = shared.set.load();
     let Some(backend) = snap.pick(tun.policy, picker).map(|e| &e.runtime) else {
         m.no_backend_udp.increment(1);
