@@ -257,24 +257,6 @@ fn five_hundred_udp_queries_from_one_socket_are_all_answered_correctly() {
     }
 }
 
-fn scrape(lb: &Dnslb) -> String {
-    let (st, body) = lb.http("GET", "/metrics", None);
-    assert_eq!(st, 200);
-    body
-}
-
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn malformed_input_is_dropped_counted_and_harmless() {
     use dnslb::metrics::DROPPED;

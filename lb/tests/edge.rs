@@ -18,24 +18,6 @@ use hickory_proto::rr::RecordType;
 
 const T: Duration = Duration::from_secs(3);
 
-fn scrape(lb: &Dnslb) -> String {
-    let (st, body) = lb.http("GET", "/metrics", None);
-    assert_eq!(st, 200);
-    body
-}
-
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A UDP socket whose queries come from `ip`.
 fn udp_from(ip: &str) -> UdpSocket {
     let s = UdpSocket::bind((ip, 0)).unwrap();

@@ -497,3 +497,23 @@ pub fn dnsperf_summary(out: &str) -> Dnsperf {
         codes,
     }
 }
+
+/// `GET /metrics` of a running dnslb.
+pub fn scrape(lb: &Dnslb) -> String {
+    let (st, body) = lb.http("GET", "/metrics", None);
+    assert_eq!(st, 200);
+    body
+}
+
+/// The sum of metric `name` over the series whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
