@@ -68,17 +68,6 @@ impl Setup {
         s
     }
 
-    /// Creates one at a time: for tests whose faults script which create meets which
-    /// fault (the fake's fault counters fire in arrival order).
-    fn one_create_at_a_time(&self) {
-        let cfg = self.dir.path().join("deployer.toml");
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            "provision_local = true",
-            "provision_local = true\nmax_parallel = 1",
-        );
-        std::fs::write(cfg, text).unwrap();
-    }
-
     fn write_config(&self, boot_timeout_s: u64, region: &str) {
         self.write_config_with(boot_timeout_s, region, "linode/debian12", "");
     }
@@ -106,6 +95,9 @@ ssh_port = {ssh}
 dns_port = {dns}
 poll_interval_ms = 100
 provision_local = true
+# One create at a time: these tests script which create meets which fault (the fake's
+# fault counters fire in arrival order). The scale test below runs them concurrently.
+max_parallel = 1
 [ansible]
 playbook = "{r}/ansible/playbook.yml"
 zones_dir = "{r}/ansible/zones"
@@ -471,7 +463,6 @@ fn stderr(out: &Output) -> String {
 #[test]
 fn a_create_whose_outcome_is_unknown_is_looked_up_before_it_is_sent_again() {
     let s = Setup::new(66, true, &[], 30);
-    s.one_create_at_a_time();
     s.ok(&["bootstrap"]);
     let made_before = s.made();
     // ns1-next: a 500 before anything is made, then a 500 after the instance was
@@ -519,7 +510,6 @@ fn creates_wait_out_429_and_instances_that_stay_offline_are_booted() {
     // Provisioning lasts long enough to be seen by the first poll even on a busy
     // machine.
     let s = Setup::with_step(67, true, &[], 30, Duration::from_millis(1500));
-    s.one_create_at_a_time();
     s.ok(&["bootstrap"]);
     s.api.fake.faults(|f| {
         f.create_429 = 2;
