@@ -238,6 +238,9 @@ print(json.dumps({
             {"name": "ns1", "address": "127.0.0.1:5301"},
             {"name": "ns2", "address": "127.0.0.1:5302", "weight": 2},
         ],
+        "dnslb_acl": {"allow": ["127.0.0.0/8", "::1/128"], "deny": ["127.0.0.66/32"]},
+        "dnslb_rate_limit": {"responses_per_second": 20, "burst": 40, "slip": 2,
+                             "exempt": ["127.0.0.1/32"]},
     }}},
 }, indent=1))
 EOF
@@ -261,6 +264,8 @@ grep -qx 'token_file = "/etc/dnslb/admin.token"' "$conf" || die "token_file miss
 grep -qx 'path = "/var/lib/dnslb/state.json"' "$conf" || die "state.path missing in $conf"
 [ "$(grep -c '^\[\[backend\]\]' "$conf")" = 2 ] || die "expected 2 backends in $conf"
 grep -qx 'weight = 2' "$conf" || die "weight of ns2 missing in $conf"
+grep -qx '\[acl\]' "$conf" && grep -qx 'deny = \["127.0.0.66/32"\]' "$conf" || die "[acl] missing in $conf"
+grep -qx '\[rate_limit\]' "$conf" && grep -qx 'responses_per_second = 20' "$conf" || die "[rate_limit] missing in $conf"
 if grep -q "$token" "$conf" "$unit" "$work/lb-1.log"; then die "the token leaked into the config, unit or log"; fi
 ok "config: listen, token_file, state.path, 2 backends; token only in admin.token"
 "$bin" --config "$conf" --check || die "dnslb --check rejects $conf"
