@@ -379,13 +379,40 @@ fn an_upgrade_carries_health_to_the_next_process() {
     let pid = lb.pid() as u32;
     kill(pid, "USR2");
     let next = handed_over_to(&lb, 1);
-    // The child answers the admin API at once, from the health the parent left: the
-    // dead backend is down (no query is sent to it), the live one up.
-    let status: serde_json::Value =
-        serde_json::from_str(&lb.http("GET", "/v1/status", None).1).unwrap();
-    assert_eq!(status["pid"], next, "{status}");
+    // Until the parent's admin API has stopped, either process may answer: wait for
+    // the child's.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&lb.http("GET", "/v1/status", None).1).unwrap();
+        if status["pid"] == next {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The child started from the health the parent left: the dead backend down (no
+    // query was sent to it), the live one up; it never had to learn either anew.
     assert_eq!(lb.backend("b")["health"], "down");
     assert_eq!(lb.backend("a")["health"], "up");
+    let logs = lb.logs();
+    let after = logs
+        .iter()
+        .position(|l| l.contains("handing over"))
+        .unwrap();
+    let child_lines = &logs[after..];
+    assert!(
+        child_lines.iter().chain(&logs[..after]).any(|l| l
+            .contains("carried over from the previous dnslb process")
+            && l.contains("backend=b")),
+        "{logs:#?}"
+    );
+    assert!(
+        !child_lines
+            .iter()
+            .any(|l| l.contains("health checks failed in a row") && l.contains("backend=b")),
+        "the child had to find b down by itself: {logs:#?}"
+    );
     wait_gone(pid);
     kill(next, "TERM");
     wait_gone(next);
