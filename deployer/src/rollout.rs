@@ -84,6 +84,11 @@ pub struct Deployer<P: Provider> {
     dir: PathBuf,
 }
 
+/// How long a rollback waits between restoring a load balancer and deleting the
+/// servers it no longer sends to: dnslb's default `balance.query_timeout_ms`, after
+/// which every query in flight to them has been answered or has timed out.
+const RESTORE_DRAIN: Duration = Duration::from_secs(2);
+
 fn next_label(ns: &str) -> String {
     format!("{ns}-next")
 }
@@ -796,6 +801,12 @@ impl<P: Provider> Deployer<P> {
                 Ok(None) => {}
                 Err(e) => failures.push(e.to_string()),
             }
+        }
+        // Queries forwarded to the new servers just before a restore are still
+        // answered by them: let them finish (dnslb's default query timeout) before
+        // those servers are deleted.
+        if !summary.is_empty() {
+            tokio::time::sleep(RESTORE_DRAIN).await;
         }
         // The new servers, including any created but not yet journaled (found by
         // label, and only if this rollout's tag is on it).
