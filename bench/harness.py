@@ -32,11 +32,15 @@ ZONE = os.path.join(ROOT, "ansible/zones/example.test.zone")
 DNSLB = os.path.join(ROOT, "target/release/dnslb")
 PROBE = os.path.join(ROOT, "target/release/examples/latency")
 B1, B2 = 15301, 15302
-PORTS = {"bind": B1, "dnslb": 15353, "dnsdist": 15354, "nginx": 15355, "floor": 15356, "kernel": 15357}
+PORTS = {"bind": B1, "dnslb": 15353, "dnsdist": 15354, "nginx": 15355, "floor": 15356, "kernel": 15357,
+         "dnslb-cached": 15358, "dnsdist-cached": 15359}
 # Reference rows, not competitors: maximum throughput and CPU per query only.
 REFERENCES = ("floor", "kernel")
-DNSLB_ADMIN = 15380
-DNSDIST_CONSOLE = 15399
+ADMIN = {"dnslb": 15380, "dnslb-cached": 15381}
+CONSOLE = {"dnsdist": 15399, "dnsdist-cached": 15398}
+# The packet caches of the cached rows: the same number of entries for both, and for
+# the RSS figure, that many distinct names asked (each a wildcard answer).
+CACHE_ENTRIES = 100000
 QUERIES = [
     "www.example.test A", "www.example.test AAAA", "example.test MX", "example.test SOA",
     "ftp.example.test CNAME", "_sip._udp.example.test SRV", "x.wild.example.test TXT",
@@ -118,20 +122,33 @@ zone "example.test" {{ type primary; file "example.test.zone"; }};
     return p
 
 
-def start_dnslb(procs, work):
-    cfg = os.path.join(work, "dnslb.toml")
+def dnslb_cache_entries():
+    """`[cache] max_entries` that gives dnslb's UDP workers CACHE_ENTRIES between them:
+    they hold three quarters of it (lb/src/shared.rs, CacheShare)."""
+    return CACHE_ENTRIES * 4 // 3 + 1
+
+
+def start_dnslb(procs, work, name="dnslb"):
+    cfg = os.path.join(work, f"{name}.toml")
+    cache = f"[cache]\nmax_entries = {dnslb_cache_entries()}\nmax_ttl_s = 86400\n" if name.endswith("-cached") else ""
     with open(cfg, "w") as f:
         f.write(f"""[listen]
-dns = ["127.0.0.1:{PORTS['dnslb']}"]
-admin = "127.0.0.1:{DNSLB_ADMIN}"
-[state]
-path = "{work}/dnslb-state.json"
+dns = ["127.0.0.1:{PORTS[name]}"]
+admin = "127.0.0.1:{ADMIN[name]}"
+{cache}[state]
+path = "{work}/{name}-state.json"
 [balance]
 policy = "least-outstanding"
 [health]
 query_name = "example.test."
 [tcp]
 max_connections = 10000
+# Every benchmark client is 127.0.0.1: the per-client cap (20 by default) would refuse
+# dnsperf's 32 TCP connections beyond the 20th, and dnsperf does not reconnect when a
+# connection is closed after max_queries_per_connection (10000 by default; a cached
+# run makes that many in 3 s) with queries of its own still unread.
+max_connections_per_client = 10000
+max_queries_per_connection = 100000000
 [[backend]]
 name = "a1"
 address = "127.0.0.1:{B1}"
@@ -139,9 +156,9 @@ address = "127.0.0.1:{B1}"
 name = "a2"
 address = "127.0.0.1:{B2}"
 """)
-    p = procs.start("dnslb", [DNSLB, "--config", cfg], stdout=subprocess.DEVNULL,
-                    stderr=open(os.path.join(work, "dnslb.log"), "w"))
-    wait_dns(PORTS["dnslb"])
+    p = procs.start(name, [DNSLB, "--config", cfg], stdout=subprocess.DEVNULL,
+                    stderr=open(os.path.join(work, f"{name}.log"), "w"))
+    wait_dns(PORTS[name])
     return [p.pid]
 
 
@@ -155,22 +172,25 @@ def dnsdist_server(port, name):
             f'checkType="SOA"{must}}})')
 
 
-def start_dnsdist(procs, work):
-    cfg = os.path.join(work, "dnsdist.conf")
-    port = PORTS["dnsdist"]
+def start_dnsdist(procs, work, name="dnsdist"):
+    cfg = os.path.join(work, f"{name}.conf")
+    port = PORTS[name]
+    # Its packet cache as dnslb's: the same entries, TTLs not aged (dontAge).
+    cache = (f'pc = newPacketCache({CACHE_ENTRIES}, {{maxTTL=86400, dontAge=true}})\n'
+             'getPool(""):setCache(pc)\n') if name.endswith("-cached") else ""
     with open(cfg, "w") as f:
         # One UDP listener thread (dnsdist's default): on this 2-core machine it
         # measured faster than two reusePort listeners (54-55k vs 42-48k qps).
         f.write(f"""setLocal("127.0.0.1:{port}", {{reusePort=true}})
-controlSocket("127.0.0.1:{DNSDIST_CONSOLE}")
+controlSocket("127.0.0.1:{CONSOLE[name]}")
 setKey("{DNSDIST_KEY}")
 setServerPolicy(leastOutstanding)
 setMaxTCPClientThreads(2)
 {dnsdist_server(B1, "a1")}
 {dnsdist_server(B2, "a2")}
-""")
-    p = procs.start("dnsdist", ["dnsdist", "--supervised", "--disable-syslog", "-C", cfg],
-                    stdout=open(os.path.join(work, "dnsdist.log"), "w"), stderr=subprocess.STDOUT)
+{cache}""")
+    p = procs.start(name, ["dnsdist", "--supervised", "--disable-syslog", "-C", cfg],
+                    stdout=open(os.path.join(work, f"{name}.log"), "w"), stderr=subprocess.STDOUT)
     wait_dns(port)
     return [p.pid]
 
@@ -260,9 +280,9 @@ def start_echo(procs, work, port):
     return p
 
 
-def dnsdist_console(work, cmd):
-    cfg = os.path.join(work, "dnsdist.conf")
-    return subprocess.run(["dnsdist", "-C", cfg, "-c", f"127.0.0.1:{DNSDIST_CONSOLE}", "-e", cmd],
+def dnsdist_console(work, cmd, name="dnsdist"):
+    cfg = os.path.join(work, f"{name}.conf")
+    return subprocess.run(["dnsdist", "-C", cfg, "-c", f"127.0.0.1:{CONSOLE[name]}", "-e", cmd],
                           capture_output=True, text=True, timeout=10)
 
 
@@ -365,13 +385,71 @@ def children_cpu_s():
     return r.ru_utime + r.ru_stime
 
 
-def peak_rss_kib(pids):
+def status_kib(pids, field):
+    """A KiB field of /proc/<pid>/status (VmRSS, VmHWM), summed over `pids`."""
     total = 0
     for pid in pids:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 total += int(line.split()[1])
     return total
+
+
+def rss_kib(pids):
+    """Resident memory now, summed over `pids`."""
+    return status_kib(pids, "VmRSS")
+
+
+def cached_entries(work, t):
+    """Answers in target `t`'s packet cache: dnslb's metric, dnsdist's printStats()."""
+    if t in ADMIN:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN[t]}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        m = re.search(r"^dnslb_cache_entries (\S+)$", text, re.M)
+        return int(float(m.group(1))) if m else None
+    out = dnsdist_console(work, 'getPool(""):getCache():printStats()', t).stdout
+    m = re.search(r"Entries: (\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def restart(procs, work, t):
+    """Stops target `t` and starts it afresh; its pids."""
+    for name, p in procs.procs:
+        if name == t and p.poll() is None:
+            p.terminate()
+            p.wait(timeout=10)
+    return (start_dnslb if t in ADMIN else start_dnsdist)(procs, work, t)
+
+
+def fill_caches(work, cached, pids, procs):
+    """Restarts each cached target (so that what earlier runs made it allocate does not
+    count), asks it CACHE_ENTRIES distinct names once (wildcard answers, each an entry
+    of its own), then reads how many it holds and its resident memory."""
+    names = os.path.join(work, "distinct.txt")
+    with open(names, "w") as f:
+        f.write("".join(f"n{i}.wild.example.test A\n" for i in range(CACHE_ENTRIES)))
+    out = {}
+    for t in cached:
+        fresh = restart(procs, work, t)
+        pids[t] = lambda p=fresh: p
+        time.sleep(2)  # health checks settle
+        before = rss_kib(pids[t]())
+        args = ["dnsperf", "-s", "127.0.0.1", "-p", str(PORTS[t]), "-d", names, "-n", "1",
+                "-c", "8", "-T", "2", "-q", "100", "-t", "2", "-Q", "20000"]
+        run = subprocess.run(args, capture_output=True, text=True).stdout
+        m = re.search(r"Queries completed:\s+(\d+)", run)
+        time.sleep(1)
+        out[t] = {"cache_rss_before_kib": before, "cache_rss_kib": rss_kib(pids[t]()),
+                  "cache_entries": cached_entries(work, t), "cache_fill_answered": int(m.group(1)) if m else 0,
+                  "cache_fill_cmd": " ".join(args).replace(work, "$WORK")}
+        log(f"  {t}: {out[t]['cache_entries']} entries after {out[t]['cache_fill_answered']} distinct names; "
+            f"RSS {before / 1024:.1f} -> {out[t]['cache_rss_kib'] / 1024:.1f} MiB")
+    return out
+
+
+def peak_rss_kib(pids):
+    """Peak resident memory, summed over `pids`."""
+    return status_kib(pids, "VmHWM")
 
 
 def dnsperf_args(port, qfile, seconds, qps=None, tcp=False, clients=8, outstanding=200, verbose=False):
@@ -508,10 +586,10 @@ def cutovers(name, work, qfile, swaps, qps):
     t.start()
     time.sleep(1.0)
     for i in range(swaps):
-        if name == "dnslb":
-            g = http("GET", f"http://127.0.0.1:{DNSLB_ADMIN}/v1/backends")["generation"]
+        if name in ADMIN:
+            g = http("GET", f"http://127.0.0.1:{ADMIN[name]}/v1/backends")["generation"]
             order = [B1, B2] if i % 2 else [B2, B1]
-            http("PUT", f"http://127.0.0.1:{DNSLB_ADMIN}/v1/backends", {
+            http("PUT", f"http://127.0.0.1:{ADMIN[name]}/v1/backends", {
                 "backends": [{"name": f"s{i}a", "address": f"127.0.0.1:{order[0]}"},
                              {"name": f"s{i}b", "address": f"127.0.0.1:{order[1]}"}],
                 "expected_generation": g})
@@ -519,9 +597,9 @@ def cutovers(name, work, qfile, swaps, qps):
             write_nginx_conf(work, [B1, B2] if i % 2 else [B2, B1])
             subprocess.run(["nginx", "-p", work, "-c", os.path.join(work, "nginx.conf"), "-s", "reload"], check=True,
                            capture_output=True)
-        elif name == "dnsdist":
+        elif name in CONSOLE:
             # Replace the first server: remove it, add it back (as an operator swapping a backend).
-            r = dnsdist_console(work, f'rmServer(0) {dnsdist_server(B1 if i % 2 else B2, f"s{i}")}')
+            r = dnsdist_console(work, f'rmServer(0) {dnsdist_server(B1 if i % 2 else B2, f"s{i}")}', name)
             if r.returncode != 0:
                 log(f"  dnsdist console: {r.stdout} {r.stderr}")
         time.sleep(0.2)
@@ -562,7 +640,7 @@ def main():
     ap.add_argument("--swaps", type=int, default=40)
     ap.add_argument("--note", default="", help="a paragraph added under the table")
     ap.add_argument("--swap-rate", type=int, default=10000)
-    ap.add_argument("--targets", default="bind,floor,kernel,dnslb,dnsdist,nginx")
+    ap.add_argument("--targets", default="bind,floor,kernel,dnslb,dnsdist,nginx,dnslb-cached,dnsdist-cached")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--backend", choices=["bind", "echo"], default="bind",
                     help="echo: bench/echo-backend.c instead of named, UDP only, to read what "
@@ -586,12 +664,14 @@ def main():
         start = start_echo if ECHO else start_named
         bind_pids = [start(procs, work, B1).pid, start(procs, work, B2).pid]
         pids = {"bind": lambda: [bind_pids[0]]}
-        if "dnslb" in targets:
-            p = start_dnslb(procs, work)
-            pids["dnslb"] = lambda p=p: p
-        if "dnsdist" in targets:
-            p = start_dnsdist(procs, work)
-            pids["dnsdist"] = lambda p=p: p
+        for t in ("dnslb", "dnslb-cached"):
+            if t in targets:
+                p = start_dnslb(procs, work, t)
+                pids[t] = lambda p=p: p
+        for t in ("dnsdist", "dnsdist-cached"):
+            if t in targets:
+                p = start_dnsdist(procs, work, t)
+                pids[t] = lambda p=p: p
         if "nginx" in targets:
             start_nginx(procs, work)
             pids["nginx"] = lambda: nginx_pids(work)
@@ -728,6 +808,12 @@ def main():
         for (t, proto), xs in machine_samples.items():
             results[t][f"{proto}_machine_us"] = statistics.median(xs)
             results[t][f"{proto}_machine_us_rounds"] = xs
+        # Memory with a full cache: the same number of entries in each.
+        cached = [t for t in targets if t.endswith("-cached")]
+        if cached:
+            log(f"== resident memory with {CACHE_ENTRIES} cached answers")
+            for t, r in fill_caches(work, cached, pids, procs).items():
+                results[t].update(r)
         # Allocations per query in dnslb: the hot paths are meant to make none.
         if "dnslb" in targets:
             event = malloc_probe()
@@ -796,12 +882,31 @@ def report(results, a, targets):
         xs = [f"{p / q:.2f}" for p, q in zip(a_.get(key + "_rounds", []), b_.get(key + "_rounds", [])) if q]
         return f"; per round {', '.join(xs)}" if xs else ""
 
+    if "dnslb-cached" in results and "dnsdist-cached" in results:
+        d, x = results["dnslb-cached"], results["dnsdist-cached"]
+        ratios.append(f"- cached UDP throughput dnslb/dnsdist (both with a packet cache): "
+                      f"**{d['udp_qps'] / x['udp_qps']:.2f}×** (target ≥ 1.5×{per_round(d, x, 'udp_qps')})")
+        ratios.append(f"- CPU per cached UDP query dnslb/dnsdist: **{d['udp_cpu_us'] / x['udp_cpu_us']:.2f}×** "
+                      f"(target ≤ 0.6×{per_round(d, x, 'udp_cpu_us')})")
+        if "tcp_qps" in d and "tcp_qps" in x:
+            ratios.append(f"- cached TCP throughput dnslb/dnsdist: **{d['tcp_qps'] / x['tcp_qps']:.2f}×**; CPU per "
+                          f"cached TCP query **{d['tcp_cpu_us'] / x['tcp_cpu_us']:.2f}×**")
+        if d.get("cache_rss_kib") and x.get("cache_rss_kib"):
+            ratios.append(f"- resident memory with {CACHE_ENTRIES} distinct names cached, dnslb/dnsdist: "
+                          f"**{d['cache_rss_kib'] / x['cache_rss_kib']:.2f}×** (target ≤ 0.5×; "
+                          f"{d['cache_rss_kib'] / 1024:.1f} MiB holding {d['cache_entries']} entries against "
+                          f"{x['cache_rss_kib'] / 1024:.1f} MiB holding {x['cache_entries']}; before the fill "
+                          f"{d['cache_rss_before_kib'] / 1024:.1f} and {x['cache_rss_before_kib'] / 1024:.1f} MiB)")
+    if "dnslb-cached" in results and "bind" in results:
+        d, b = results["dnslb-cached"], results["bind"]
+        ratios.append(f"- cached UDP throughput dnslb/BIND direct: **{d['udp_qps'] / b['udp_qps']:.2f}×** "
+                      f"(target ≥ 2×{per_round(d, b, 'udp_qps')})")
     if "dnslb" in results and "dnsdist" in results:
         d, x = results["dnslb"], results["dnsdist"]
-        ratios.append(f"- UDP throughput dnslb/dnsdist: **{d['udp_qps'] / x['udp_qps']:.2f}×** (target ≥ 1.4×"
+        ratios.append(f"- uncached UDP throughput dnslb/dnsdist: **{d['udp_qps'] / x['udp_qps']:.2f}×** (target ≥ 1.1×"
                       f"{per_round(d, x, 'udp_qps')})")
-        ratios.append(f"- UDP CPU per query dnslb/dnsdist: **{d['udp_cpu_us'] / x['udp_cpu_us']:.2f}×** (target ≤ 0.33×"
-                      f"{per_round(d, x, 'udp_cpu_us')})")
+        ratios.append(f"- uncached UDP CPU per query dnslb/dnsdist: **{d['udp_cpu_us'] / x['udp_cpu_us']:.2f}×**"
+                      f"{per_round(d, x, 'udp_cpu_us').replace('; ', ' (', 1) + ')' if d.get('udp_cpu_us_rounds') else ''}")
         if "floor" in results:
             f_ = results["floor"]["udp_cpu_us"]
             ratios.append(f"- UDP CPU per query of the floor relay/dnsdist: **{f_ / x['udp_cpu_us']:.2f}×**; "
@@ -825,7 +930,7 @@ def report(results, a, targets):
         d, n = results["dnslb"], results["nginx"]
         ratios.append(f"- TCP throughput dnslb/nginx: **{d['tcp_qps'] / n['tcp_qps']:.2f}×** (target ≥ 1.2×"
                       f"{per_round(d, n, 'tcp_qps')})")
-        ratios.append(f"- TCP CPU per query dnslb/nginx: **{d['tcp_cpu_us'] / n['tcp_cpu_us']:.2f}×** (target ≤ 0.8×"
+        ratios.append(f"- uncached TCP CPU per query dnslb/nginx: **{d['tcp_cpu_us'] / n['tcp_cpu_us']:.2f}×** (target ≤ 1.0×"
                       f"{per_round(d, n, 'tcp_cpu_us')})")
         if "tcp_cpu_us" in results.get("floor", {}):
             f_ = results["floor"]["tcp_cpu_us"]
@@ -890,10 +995,24 @@ ratios within one run.
 - Backends: two `named -n 1` (one worker thread each) on 127.0.0.1:{B1} and :{B2}, serving
   `ansible/zones/example.test.zone`. "bind" is the first of them queried directly.
 - dnslb: release build, default threads (UDP: half the cores rounded up, so one here;
-  TCP: one per core), least-outstanding. dnsdist: one UDP listener (its
+  TCP: one per core), least-outstanding, `[tcp] max_connections_per_client` and
+  `max_queries_per_connection` raised (every client here is 127.0.0.1, and dnsperf does
+  not reconnect; before 2026-12-03 the per-client cap of 20 refused 12 of the TCP
+  throughput run's 32 connections, which halved dnslb's TCP figure). dnsdist: one UDP listener (its
   default; measured faster here than two `reusePort` listeners), `leastOutstanding`,
   SOA health checks. nginx: 2 workers, `listen … udp reuseport`, `proxy_responses 1`,
   and a TCP server on the same port.
+- dnslb-cached and dnsdist-cached: the same, each with its packet cache on and the same
+  number of entries: dnslb `[cache] max_entries = {dnslb_cache_entries()}` (three quarters
+  of it, {CACHE_ENTRIES}, in its UDP worker), `max_ttl_s = 86400`; dnsdist
+  `newPacketCache({CACHE_ENTRIES}, {{maxTTL=86400, dontAge=true}})` on its default pool
+  (TTLs not aged, as dnslb's). The query file's ten names are answered from the cache
+  after their first miss. Their cut-overs flush dnslb's cache at every swap (dnsdist's
+  stays: it cannot tell that the backends changed).
+- resident memory with a full cache: each cached target is restarted (what the earlier
+  runs made it allocate does not count), then asked {CACHE_ENTRIES} distinct names once (`n<i>.wild.example.test A`, a wildcard answer each, at 20000 qps), then its
+  VmRSS is read with the entries it reports (dnslb's `dnslb_cache_entries`, dnsdist's
+  `printStats()`).
 - floor: `bench/floor-relay.c`, a short single-threaded C relay (poll, recvfrom,
   sendto; no parsing or checks; an ID of its own per query, so every client gets its own
   answers; queries alternate between the two backends). It is what forwarding alone costs

@@ -63,7 +63,7 @@ def wait_gone(pid, limit=20.0):
 
 
 def status_pid():
-    with urllib.request.urlopen(f"http://127.0.0.1:{h.DNSLB_ADMIN}/v1/status", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{h.ADMIN["dnslb"]}/v1/status", timeout=5) as r:
         return json.load(r)["pid"]
 
 

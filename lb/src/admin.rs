@@ -9,7 +9,8 @@
 //! | `DELETE /v1/backends/{name}` | remove it; answers in flight are still delivered |
 //! | `POST /v1/backends/{name}/drain` | no new queries go to it |
 //! | `POST /v1/backends/{name}/undrain` | back to active |
-//! | `GET /v1/status` | version, uptime, generation, listeners, policy |
+//! | `GET /v1/status` | version, uptime, generation, listeners, policy, cache |
+//! | `DELETE /v1/cache` | flush the packet cache: `{"flushes", "enabled"}` |
 //! | `GET /healthz` | 200 if an active backend is up or unknown (usable), else 503 (no token needed) |
 //! | `GET /metrics` | Prometheus text (no token needed) |
 //!
@@ -25,7 +26,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -101,6 +102,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/backends/{name}/drain", post(drain))
         .route("/v1/backends/{name}/undrain", post(undrain))
         .route("/v1/status", get(status))
+        .route("/v1/cache", delete(flush_cache))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))
@@ -400,7 +402,22 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "policy": tun.policy,
         "listen": s.shared.dns_addrs,
         "state_path": s.shared.state_path,
+        "cache": {
+            "enabled": s.shared.cache.enabled(),
+            "entries_per_udp_worker": s.shared.cache.udp_entries,
+            "entries_per_tcp_worker": s.shared.cache.tcp_entries,
+            "max_ttl_s": s.shared.cache.max_ttl.as_secs(),
+            "flushes": s.shared.cache_flushes(),
+        },
     }))
+}
+
+/// Flushes every worker's packet cache: a query read after the response is not
+/// answered from an earlier entry (each worker drops its entries when it next looks).
+async fn flush_cache(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let flushes = s.shared.flush_cache();
+    tracing::info!(flushes, "packet cache flushed");
+    Json(json!({ "flushes": flushes, "enabled": s.shared.cache.enabled() }))
 }
 
 async fn healthz(State(s): State<AdminState>) -> (StatusCode, Json<serde_json::Value>) {

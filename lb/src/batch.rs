@@ -96,6 +96,20 @@ impl RecvBatch {
         &self.data[start..start + len.min(self.size)]
     }
 
+    /// The whole buffer of datagram `i` of the last `recv` (room to write a longer
+    /// answer over it), the datagram's length, its source, and whether it was cut.
+    pub(crate) fn get_room(&mut self, i: usize) -> (&mut [u8], usize, Option<SocketAddr>, bool) {
+        let addr = to_socket_addr(&self.addrs[i]);
+        let start = i * self.size;
+        let len = self.lens[i].min(self.size);
+        (
+            &mut self.data[start..start + self.size],
+            len,
+            addr,
+            self.truncated[i],
+        )
+    }
+
     /// Datagram `i` of the last `recv`: its bytes (mutable, to rewrite the ID in place),
     /// its source, and whether it was cut to fit.
     pub(crate) fn get(&mut self, i: usize) -> (&mut [u8], Option<SocketAddr>, bool) {

@@ -46,6 +46,8 @@ pub struct Config {
     pub acl: AclConfig,
     /// Response rate limiting per client prefix (UDP); off when the table is absent.
     pub rate_limit: Option<RateLimit>,
+    /// The packet cache.
+    pub cache: CacheConfig,
     /// Process-level tunables.
     pub server: Server,
     /// Seeds the backend set when no state file exists yet.
@@ -285,6 +287,30 @@ impl Default for RateLimit {
     }
 }
 
+/// `[cache]`: the packet cache, off unless `max_entries` > 0. Its entries belong to
+/// one generation of the backend set; changing the set flushes it. Needs a restart to
+/// change.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Answers kept at most, over all workers (each worker holds its share).
+    pub max_entries: usize,
+    /// An answer is kept no longer than this (or its smallest TTL, if shorter).
+    pub max_ttl_s: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 0,
+            max_ttl_s: 300,
+        }
+    }
+}
+
+/// The most entries `[cache] max_entries` may ask for.
+pub const MAX_CACHE_ENTRIES: usize = 100_000_000;
+
 /// An IPv4 or IPv6 network, `addr/len` (a bare address is a host route). Host bits
 /// must be zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,6 +454,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "tcp",
             "acl",
             "rate_limit",
+            "cache",
             "server",
             "backend",
         ],
@@ -475,6 +502,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "max_clients",
         ],
     ),
+    ("cache", &["max_entries", "max_ttl_s"]),
     (
         "server",
         &[
@@ -645,6 +673,12 @@ impl Config {
             if let Err(e) = parse_cidrs("rate_limit.exempt", &r.exempt) {
                 p.extend(e);
             }
+        }
+        if self.cache.max_entries > MAX_CACHE_ENTRIES {
+            p.push(format!("cache.max_entries must be <= {MAX_CACHE_ENTRIES}"));
+        }
+        if self.cache.max_ttl_s == 0 || self.cache.max_ttl_s > 86_400 * 7 {
+            p.push("cache.max_ttl_s must be between 1 and 604800 (a week)".into());
         }
         if self.server.workers > 256 {
             p.push("server.workers must be <= 256".into());
@@ -875,6 +909,27 @@ mod tests {
             "burts",
             "max_connections_per_client",
         ] {
+            assert!(
+                p.iter().any(|m| m.contains(needle)),
+                "{needle} missing in {p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cache_is_off_by_default_and_its_bad_keys_are_all_listed() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.cache.max_entries, 0, "off unless asked for");
+        let on = Config::parse(&format!(
+            "{GOOD}\n[cache]\nmax_entries = 1000\nmax_ttl_s = 60\n"
+        ))
+        .unwrap();
+        assert_eq!((on.cache.max_entries, on.cache.max_ttl_s), (1000, 60));
+        let bad = format!("{GOOD}\n[cache]\nmax_entries = 1000000000\nmax_ttl_s = 0\nttl = 5\n");
+        let ConfigError::Invalid(p) = Config::parse(&bad).unwrap_err() else {
+            panic!()
+        };
+        for needle in ["cache.max_entries", "cache.max_ttl_s", "`ttl`"] {
             assert!(
                 p.iter().any(|m| m.contains(needle)),
                 "{needle} missing in {p:?}"

@@ -1,8 +1,11 @@
 //! The bodies of the fuzz targets in `lb/fuzz/` (cargo-fuzz, nightly), kept here so a
 //! stable `#[test]` drives the same code with random and mutated inputs. Each takes
 //! arbitrary bytes and panics only if an invariant breaks: query parsing, answer
-//! matching, TCP framing. Not part of the supported API.
+//! matching, TCP framing, the packet cache. Not part of the supported API.
 
+use std::time::{Duration, Instant};
+
+use crate::cache::{self, Cache, Epoch, Transport};
 use crate::packet::{self, HEADER_LEN};
 use crate::tcp::{FrameReader, Next};
 
@@ -57,6 +60,65 @@ pub fn answer_matching(data: &[u8]) {
         expected,
         "{q:?}"
     );
+}
+
+/// The packet cache: the first byte splits the input into a query and a backend's
+/// answer to it. Never a panic (the answer's records are walked for their TTLs); an
+/// answer the cache stores is found again for the same query and only over the same
+/// transport, and served with the query's ID and name and otherwise the answer's
+/// bytes, still matching the query.
+pub fn cache_store(data: &[u8]) {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let at = usize::from(split).min(rest.len());
+    let (query, answer) = rest.split_at(at);
+    let _ = packet::cacheable_lifetime(answer);
+    let Ok(q) = packet::parse_query(query) else {
+        return;
+    };
+    let epoch = Epoch {
+        generation: 1,
+        flushes: 0,
+    };
+    let mut c = Cache::new(4, Duration::from_secs(60));
+    c.enter(epoch);
+    let mut udp = Vec::new();
+    let Some(key) = c.key(query, &q, Transport::Udp, &mut udp) else {
+        return;
+    };
+    // Only an answer that matched its query is ever offered to the cache.
+    if packet::response_matches(answer, &q.key).is_err() {
+        return;
+    }
+    let now = Instant::now();
+    if !c.store(epoch, &key, &udp, answer, usize::MAX, now) {
+        return;
+    }
+    let mut tcp = Vec::new();
+    let other = c
+        .key(query, &q, Transport::Tcp, &mut tcp)
+        .expect("the same query");
+    assert!(c.lookup(&other, &tcp, now).is_none(), "served to TCP");
+    let hit = c
+        .lookup(&key, &udp, now)
+        .expect("a stored answer is found")
+        .to_vec();
+    assert_eq!(hit, answer);
+    let mut out = query.to_vec();
+    out.resize(out.len().max(hit.len()), 0);
+    let n = cache::answer_in_place(&mut out, &hit, key.name_end);
+    let end = key.name_end;
+    assert_eq!(n, answer.len());
+    assert_eq!(&out[..2], &query[..2], "the client's ID");
+    assert_eq!(&out[2..HEADER_LEN], &answer[2..HEADER_LEN]);
+    assert_eq!(
+        &out[HEADER_LEN..end],
+        &query[HEADER_LEN..end],
+        "the client's name"
+    );
+    assert_eq!(&out[end..n], &answer[end..]);
+    assert_eq!(packet::response_matches(&out[..n], &q.key), Ok(()));
 }
 
 /// TCP framing: the input is a byte stream cut into reads at sizes taken from it.
@@ -163,6 +225,68 @@ mod tests {
             })
     }
 
+    /// A real query and a real answer to it (a name in the client's case or another,
+    /// records with random TTLs, NOERROR, NXDOMAIN with a SOA, or SERVFAIL), with a few
+    /// of the answer's bytes replaced.
+    fn query_and_answer() -> impl Strategy<Value = Vec<u8>> {
+        use hickory_proto::op::{Message, MessageType, ResponseCode};
+        use hickory_proto::rr::rdata::{A, SOA};
+        use hickory_proto::rr::{Name, RData, Record};
+        use hickory_proto::serialize::binary::BinEncodable;
+        (
+            real_query(),
+            prop::collection::vec(any::<u32>(), 0..4),
+            0..3u8,
+            any::<bool>(),
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        )
+            .prop_map(|(q, ttls, rcode, upper, edits)| {
+                let mut m = Message::from_vec(&q).unwrap();
+                m.metadata.message_type = MessageType::Response;
+                if upper {
+                    let name = m.queries[0].name().to_ascii().to_uppercase();
+                    m.queries[0].set_name(Name::from_ascii(&name).unwrap());
+                }
+                let name = m.queries[0].name().clone();
+                match rcode {
+                    0 => {
+                        m.metadata.response_code = ResponseCode::NoError;
+                        for t in ttls {
+                            m.answers.push(Record::from_rdata(
+                                name.clone(),
+                                t,
+                                RData::A(A::new(192, 0, 2, 1)),
+                            ));
+                        }
+                    }
+                    1 => {
+                        m.metadata.response_code = ResponseCode::NXDomain;
+                        let soa = SOA::new(
+                            name.clone(),
+                            name.clone(),
+                            1,
+                            2,
+                            3,
+                            4,
+                            ttls.first().copied().unwrap_or(5),
+                        );
+                        m.authorities
+                            .push(Record::from_rdata(name, 3600, RData::SOA(soa)));
+                    }
+                    _ => m.metadata.response_code = ResponseCode::ServFail,
+                }
+                let mut a = m.to_bytes().unwrap();
+                for (i, b) in edits {
+                    let at = i.index(a.len());
+                    a[at] = b;
+                }
+                let mut data = vec![q.len() as u8];
+                data.extend(q);
+                data.extend(a);
+                data
+            })
+    }
+
     /// What cargo-fuzz found: a compression pointer into the header, and one whose
     /// target name ran past the question into the records (the answer dnslb makes
     /// differs in both places, so its question hashed differently).
@@ -200,6 +324,14 @@ mod tests {
             data.extend(&q);
             data.extend(&r);
             answer_matching(&data);
+        }
+
+        #[test]
+        fn cache_store_holds(data in prop_oneof![
+            query_and_answer(),
+            prop::collection::vec(any::<u8>(), 0..300),
+        ]) {
+            cache_store(&data);
         }
 
         #[test]

@@ -18,6 +18,8 @@
 //! - `tcp` — the TCP path (RFC 7766): pipelined client connections, pooled backend
 //!   connections.
 //! - `batch` — `recvmmsg`/`sendmmsg` and epoll, the crate's only `unsafe`.
+//! - `cache` — the packet cache (`[cache]`): one per worker, keyed to the backend
+//!   set's generation.
 //! - `control` — how the server tells a worker thread to drain or stop.
 //! - [`edge`] — edge protection: the `[acl]` lists, the per-worker response rate
 //!   limiter (`[rate_limit]`), TCP connections per client.
@@ -34,7 +36,7 @@
 //! - [`systemd`] — `sd_notify`.
 //!
 //! Modules form a DAG: `config`/`packet` → `metrics`/`edge` → `backends` → `shared` →
-//! `health`/`admin` → `udp`/`tcp` → `server`; `api` sits beside `backends`,
+//! `health`/`admin` → `cache` → `udp`/`tcp` → `server`; `api` sits beside `backends`,
 //! `sockets`/`handover` below `server`, and `fuzz` beside `server` (it drives `packet`
 //! and the TCP framing of `tcp`; nothing imports it).
 #![warn(missing_docs)]
@@ -43,6 +45,7 @@ pub mod admin;
 pub mod api;
 pub mod backends;
 mod batch;
+mod cache;
 pub mod config;
 mod control;
 pub mod edge;

@@ -40,6 +40,15 @@ pub const RATE_LIMITED: &str = "dnslb_rate_limited_total";
 /// Client prefixes the rate limiter forgot to make room for new ones
 /// (`rate_limit.max_clients` too small for the clients seen).
 pub const RATE_LIMIT_EVICTED: &str = "dnslb_rate_limit_evictions_total";
+/// Queries answered from the packet cache, by `transport`.
+pub const CACHE_HITS: &str = "dnslb_cache_hits_total";
+/// Cacheable queries the packet cache could not answer, by `transport`.
+pub const CACHE_MISSES: &str = "dnslb_cache_misses_total";
+/// Answers in the packet cache now (over all workers).
+pub const CACHE_ENTRIES: &str = "dnslb_cache_entries";
+/// Unexpired answers the packet cache dropped to make room (`cache.max_entries` too
+/// small for the names asked).
+pub const CACHE_EVICTIONS: &str = "dnslb_cache_evictions_total";
 /// Generation of the backend set.
 pub const GENERATION: &str = "dnslb_backend_set_generation";
 /// Health checks run, by `backend` and `result` (pass/fail).
@@ -85,6 +94,14 @@ pub struct DataPlane {
     pub rate_limited_slip: Counter,
     /// Rate-limiter entries evicted.
     pub rate_limit_evicted: Counter,
+    /// Cache hits over UDP and TCP.
+    pub cache_hits: [Counter; 2],
+    /// Cache misses over UDP and TCP.
+    pub cache_misses: [Counter; 2],
+    /// Cached answers.
+    pub cache_entries: Gauge,
+    /// Cached answers evicted.
+    pub cache_evictions: Counter,
 }
 
 impl DataPlane {
@@ -105,6 +122,10 @@ impl DataPlane {
             rate_limited_drop: metrics::counter!(RATE_LIMITED, "action" => "drop"),
             rate_limited_slip: metrics::counter!(RATE_LIMITED, "action" => "slip"),
             rate_limit_evicted: metrics::counter!(RATE_LIMIT_EVICTED),
+            cache_hits: ["udp", "tcp"].map(|t| metrics::counter!(CACHE_HITS, "transport" => t)),
+            cache_misses: ["udp", "tcp"].map(|t| metrics::counter!(CACHE_MISSES, "transport" => t)),
+            cache_entries: metrics::gauge!(CACHE_ENTRIES),
+            cache_evictions: metrics::counter!(CACHE_EVICTIONS),
         }
     }
 
@@ -118,6 +139,29 @@ impl DataPlane {
     #[inline]
     pub fn drop_udp_n(&self, reason: Drop, n: u64) {
         self.dropped_udp[reason as usize].increment(n);
+    }
+
+    /// Adds a worker's packet-cache counts (`transport`: 0 UDP, 1 TCP).
+    pub fn count_cache(
+        &self,
+        transport: usize,
+        hits: u64,
+        misses: u64,
+        evictions: u64,
+        entries: i64,
+    ) {
+        if hits > 0 {
+            self.cache_hits[transport].increment(hits);
+        }
+        if misses > 0 {
+            self.cache_misses[transport].increment(misses);
+        }
+        if evictions > 0 {
+            self.cache_evictions.increment(evictions);
+        }
+        if entries != 0 {
+            self.cache_entries.increment(entries as f64);
+        }
     }
 
     /// Counts a TCP drop.

@@ -17,6 +17,16 @@ const TYPE_OPT: u16 = 41;
 /// RCODEs with which a response may leave the question section empty although the
 /// query had one: FORMERR, SERVFAIL, NOTIMP, REFUSED.
 const EMPTY_QUESTION_RCODES: [u8; 4] = [1, 2, 4, 5];
+/// RR type SOA.
+const TYPE_SOA: u16 = 6;
+/// RR type TSIG (a signed message is answered for one query only).
+const TYPE_TSIG: u16 = 250;
+/// QTYPE IXFR.
+pub const TYPE_IXFR: u16 = 251;
+/// QTYPE AXFR.
+pub const TYPE_AXFR: u16 = 252;
+/// RCODE 3.
+const RCODE_NXDOMAIN: u8 = 3;
 
 /// Why an incoming message was dropped before it reached a backend or a client.
 /// Each variant is a `reason` label of the dropped-packets metric.
@@ -306,6 +316,71 @@ fn skip_name(msg: &[u8], mut pos: usize) -> Option<usize> {
             _ => return None,
         }
     }
+}
+
+/// Whether the name at `start` is made of plain labels only (no compression pointer)
+/// and ends exactly at `end`.
+pub fn plain_name(msg: &[u8], start: usize, end: usize) -> bool {
+    let mut pos = start;
+    while pos < end {
+        let len = msg[pos];
+        if len == 0 {
+            return pos + 1 == end;
+        }
+        if len & 0xc0 != 0 {
+            return false;
+        }
+        pos += 1 + usize::from(len);
+    }
+    false
+}
+
+/// How long an answer may be cached, in seconds: for a NOERROR or NXDOMAIN answer
+/// (QR=1, TC=0, one question) the smallest TTL of its records (OPT aside), and for a
+/// negative answer (NXDOMAIN, or NOERROR without answer records) no longer than the
+/// SOA's MINIMUM field (RFC 2308 section 5); a referral (NS records, no SOA) lives as
+/// long as its records. `None` if it may not be cached: another RCODE, TC set, signed
+/// (TSIG), NXDOMAIN without a SOA, no record to take a TTL from, or malformed.
+pub fn cacheable_lifetime(msg: &[u8]) -> Option<u32> {
+    if msg.len() < HEADER_LEN || !is_response(msg) || msg[2] & 0x02 != 0 || qdcount(msg) != 1 {
+        return None;
+    }
+    let rcode = rcode(msg);
+    if rcode != 0 && rcode != RCODE_NXDOMAIN {
+        return None;
+    }
+    let count = |at: usize| usize::from(u16::from_be_bytes([msg[at], msg[at + 1]]));
+    let (answers, authority, additional) = (count(6), count(8), count(10));
+    let negative = rcode == RCODE_NXDOMAIN || answers == 0;
+    let mut pos = skip_name(msg, HEADER_LEN)? + 4;
+    let mut least: Option<u32> = None;
+    let mut soa = false;
+    for i in 0..answers + authority + additional {
+        pos = skip_name(msg, pos)?;
+        let fixed = msg.get(pos..pos + 10)?;
+        let rtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        let rdata = msg.get(pos + 10..pos + 10 + rdlen)?;
+        pos += 10 + rdlen;
+        match rtype {
+            TYPE_TSIG => return None,
+            TYPE_OPT => continue,
+            _ => {}
+        }
+        let mut life = ttl;
+        let in_authority = i >= answers && i < answers + authority;
+        if negative && in_authority && rtype == TYPE_SOA && rdlen >= 20 {
+            let m = &rdata[rdlen - 4..];
+            life = life.min(u32::from_be_bytes([m[0], m[1], m[2], m[3]]));
+            soa = true;
+        }
+        least = Some(least.map_or(life, |l| l.min(life)));
+    }
+    if pos != msg.len() || (rcode == RCODE_NXDOMAIN && !soa) {
+        return None;
+    }
+    least
 }
 
 /// The DO bit of the query's OPT record, if it has one: walks the records after the

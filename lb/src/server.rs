@@ -10,6 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,6 +139,12 @@ impl Server {
             admin_token: ArcSwap::from_pointee(token),
             started: Instant::now(),
             dns_addrs: dns_addrs.clone(),
+            cache: crate::shared::CacheShare::new(
+                &config.cache,
+                listeners.udp.len(),
+                listeners.tcp.len(),
+            ),
+            cache_flushes: AtomicU64::new(0),
         });
         carry_health(&shared);
         let fatal = CancellationToken::new();
@@ -263,6 +270,7 @@ impl Server {
                 "tcp.max_connections",
                 old.tcp.max_connections != new.tcp.max_connections,
             ),
+            ("[cache]", old.cache != new.cache),
         ];
         for (key, changed) in fixed {
             if changed {

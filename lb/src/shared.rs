@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,46 @@ pub struct Shared {
     pub started: Instant,
     /// The DNS addresses being served.
     pub dns_addrs: Vec<SocketAddr>,
+    /// The packet cache of each worker: its entries (0: off) and their longest life.
+    pub cache: CacheShare,
+    /// Manual flushes of the packet cache (`DELETE /v1/cache`).
+    pub cache_flushes: AtomicU64,
+}
+
+/// What each worker's packet cache may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheShare {
+    /// Entries per UDP worker; 0 when the cache is off.
+    pub udp_entries: usize,
+    /// Entries per TCP worker; 0 when the cache is off.
+    pub tcp_entries: usize,
+    /// An entry's longest life.
+    pub max_ttl: Duration,
+}
+
+impl CacheShare {
+    /// `[cache]` split over the workers so that together they never hold more than
+    /// `max_entries` (or one entry each, if that is more): three quarters for the UDP workers, a quarter for the TCP ones
+    /// (authoritative traffic is mostly UDP; a TCP client is most often one retrying
+    /// a truncated answer, which is never cached), each share split evenly.
+    pub fn new(c: &crate::config::CacheConfig, udp_workers: usize, tcp_workers: usize) -> Self {
+        // Every worker holds at least one entry when the cache is on.
+        let split = |total: usize, workers: usize| match c.max_entries {
+            0 => 0,
+            _ => (total / workers.max(1)).max(1),
+        };
+        let tcp_total = c.max_entries / 4;
+        CacheShare {
+            udp_entries: split(c.max_entries - tcp_total, udp_workers),
+            tcp_entries: split(tcp_total, tcp_workers),
+            max_ttl: Duration::from_secs(c.max_ttl_s),
+        }
+    }
+
+    /// Whether the cache is on.
+    pub fn enabled(&self) -> bool {
+        self.udp_entries > 0
+    }
 }
 
 impl Shared {
@@ -90,6 +131,18 @@ impl Shared {
             return true;
         }
         false
+    }
+
+    /// Flushes every worker's packet cache: a query read after this returns is not
+    /// answered from an entry made before it.
+    pub fn flush_cache(&self) -> u64 {
+        self.cache_flushes.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Manual cache flushes so far.
+    #[inline]
+    pub fn cache_flushes(&self) -> u64 {
+        self.cache_flushes.load(Ordering::Acquire)
     }
 
     /// Changes the backend set under its writer lock, persisting the result before it
@@ -121,5 +174,25 @@ impl Shared {
         tokio::task::spawn_blocking(move || shared.change(f))
             .await
             .unwrap_or_else(|e| Err(SetError::Rejected(format!("changing the set failed: {e}"))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheConfig;
+
+    #[test]
+    fn the_cache_is_split_within_max_entries_three_quarters_to_udp() {
+        let c = |max_entries| CacheConfig {
+            max_entries,
+            max_ttl_s: 60,
+        };
+        let s = CacheShare::new(&c(100_000), 2, 4);
+        assert_eq!((s.udp_entries, s.tcp_entries), (37_500, 6_250));
+        assert!(2 * s.udp_entries + 4 * s.tcp_entries <= 100_000);
+        assert!(!CacheShare::new(&c(0), 1, 2).enabled());
+        let tiny = CacheShare::new(&c(1), 1, 2);
+        assert!(tiny.enabled() && tiny.udp_entries >= 1 && tiny.tcp_entries >= 1);
     }
 }

@@ -36,7 +36,7 @@
 //! Timers have the tick's resolution (50 ms).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -47,6 +47,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::Poller;
+use crate::cache::{self, Cache, Epoch, Key, Transport};
 use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::edge::ClientSlot;
 use crate::packet::{self, Drop, QuestionKey};
@@ -432,30 +433,11 @@ struct Pending {
     /// The query as sent (kept for one retry).
     query: Vec<u8>,
     retried: bool,
+    /// The epoch it was forwarded in and its cache key, when its answer may be cached.
+    cache: Option<(Epoch, Key)>,
 }
 
-/// Hashes the 16-bit IDs of a backend connection's queries (SipHash is for keys an
-/// attacker picks; these are ours).
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u16(&mut self, n: u16) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type PendingMap = HashMap<u16, Pending, BuildHasherDefault<IdHasher>>;
+type PendingMap = HashMap<u16, Pending, BuildHasherDefault<cache::OwnKeyHasher>>;
 
 /// A pipelined connection to one backend.
 struct Upstream {
@@ -606,6 +588,9 @@ pub(crate) struct TcpWorker {
     spare_list: Vec<Token>,
     /// Buffers of finished queries, for the next ones.
     spare_queries: Vec<Vec<u8>>,
+    /// This worker's packet cache (`None`: off), and room to build a key.
+    cache: Option<Cache>,
+    key_buf: Vec<u8>,
 }
 
 impl TcpWorker {
@@ -614,6 +599,10 @@ impl TcpWorker {
             l.set_nonblocking(true)?;
         }
         let poller = Poller::with_capacity(EVENTS)?;
+        let cache = shared
+            .cache
+            .enabled()
+            .then(|| Cache::new(shared.cache.tcp_entries, shared.cache.max_ttl));
         for (i, l) in listeners.iter().enumerate() {
             poller.add(l.as_fd(), TOKEN_LISTENER | i as u64)?;
         }
@@ -633,6 +622,8 @@ impl TcpWorker {
             dead: Vec::new(),
             spare_list: Vec::new(),
             spare_queries: Vec::new(),
+            cache,
+            key_buf: Vec::new(),
         })
     }
 
@@ -930,7 +921,31 @@ impl TcpWorker {
                 return false;
             }
         };
-        let backend = match self.shared.set.load().pick(tun.policy, &mut self.picker) {
+        let snap = self.shared.set.load();
+        let mut cached = None;
+        if let Some(cache) = &mut self.cache {
+            if let Some(key) = cache.key(msg, &q, Transport::Tcp, &mut self.key_buf) {
+                cache.enter(Epoch {
+                    generation: snap.generation,
+                    flushes: self.shared.cache_flushes(),
+                });
+                if let Some(answer) = cache.lookup(&key, &self.key_buf, now) {
+                    // The client's ID and name, the rest of the answer.
+                    let at = c.out.buf.len();
+                    c.out.push(answer, now);
+                    let out = &mut c.out.buf[at + 2..];
+                    if out.len() == answer.len() {
+                        out[..2].copy_from_slice(&msg[..2]);
+                        out[packet::HEADER_LEN..key.name_end]
+                            .copy_from_slice(&msg[packet::HEADER_LEN..key.name_end]);
+                    }
+                    queue(&mut self.touched, t, &mut c.out.queued);
+                    return true;
+                }
+                cached = Some((cache.epoch(), key));
+            }
+        }
+        let backend = match snap.pick(tun.policy, &mut self.picker) {
             Some(e) => e.runtime.clone(),
             None => {
                 metrics.no_backend_tcp.increment(1);
@@ -951,6 +966,7 @@ impl TcpWorker {
             deadline: now + Duration::from_millis(tun.query_timeout_ms),
             query,
             retried: false,
+            cache: cached,
         };
         p.backend.on_forward();
         if self.send_upstream(p, None, now).is_err() {
@@ -1114,6 +1130,10 @@ impl TcpWorker {
                 continue;
             }
             let p = u.pending.remove(&id).expect("checked");
+            if let (Some(cache), Some((epoch, key))) = (&mut self.cache, p.cache) {
+                cache::fill_key(&p.query, key.name_end, Transport::Tcp, &mut self.key_buf);
+                cache.store(epoch, &key, &self.key_buf, msg, packet::MAX_MESSAGE, now);
+            }
             packet::set_id(msg, p.client_id);
             p.backend.on_response(packet::rcode(msg), p.sent, now);
             if let Some(c) = self.conns.client(p.client) {
@@ -1156,6 +1176,11 @@ impl TcpWorker {
             std::mem::swap(&mut batch, &mut self.woken);
             for t in batch.drain(..) {
                 self.wake_client(t, now);
+            }
+            // Counted before the answers are written: a client that sees one sees it
+            // counted.
+            if let Some(c) = &mut self.cache {
+                c.report(&self.shared.metrics, Transport::Tcp);
             }
             std::mem::swap(&mut batch, &mut self.touched);
             for t in batch.drain(..) {

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::{Poller, RecvBatch, SendBatch};
+use crate::cache::{self, Cache, Epoch, Key, Transport};
 use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::edge::{RateLimiter, Verdict};
 use crate::packet::{self, Drop, QuestionKey};
@@ -43,24 +44,32 @@ struct Slot {
     sent: Instant,
     deadline: Instant,
     backend: Option<Arc<BackendRuntime>>,
+    /// Its cache key (bytes in [`Inflight::keys`]) and the epoch it was forwarded
+    /// in, when its answer may be cached.
+    cache: Option<(Epoch, Key)>,
 }
 
 /// Where a query came from and what its answer must match.
 #[derive(Clone, Copy)]
-struct Origin {
+struct Origin<'a> {
     client: SocketAddr,
     client_id: u16,
     listener: u16,
     key: QuestionKey,
+    /// The cache key, with its bytes, when the answer may be cached.
+    cache: Option<(Epoch, Key, &'a [u8])>,
 }
 
-/// A query forwarded and not yet answered.
+/// A query that is finished (answered, expired or given up).
 pub(crate) struct Done {
     client: SocketAddr,
     client_id: u16,
     listener: u16,
     sent: Instant,
     backend: Arc<BackendRuntime>,
+    /// Its slot (whose key bytes stay until the next query takes it).
+    slot: u32,
+    cache: Option<(Epoch, Key)>,
 }
 
 /// In-flight queries of one worker. Wire IDs (towards backends) come from a shuffled
@@ -74,6 +83,8 @@ pub(crate) struct Inflight {
     free_slots: Vec<u32>,
     free_ids: VecDeque<u16>,
     live: usize,
+    /// The cache key bytes of each slot's query (buffers reused with the slot).
+    keys: Vec<Vec<u8>>,
 }
 
 impl Inflight {
@@ -86,6 +97,7 @@ impl Inflight {
             free_slots: Vec::new(),
             free_ids: ids.into(),
             live: 0,
+            keys: Vec::new(),
         }
     }
 
@@ -98,7 +110,7 @@ impl Inflight {
         &mut self,
         now: Instant,
         timeout_ms: u64,
-        from: Origin,
+        from: Origin<'_>,
         backend: &Arc<BackendRuntime>,
     ) -> Option<u16> {
         let wire_id = self.free_ids.pop_front()?;
@@ -112,6 +124,7 @@ impl Inflight {
             sent: now,
             deadline: now + std::time::Duration::from_millis(timeout_ms),
             backend: Some(backend.clone()),
+            cache: from.cache.map(|(epoch, key, _)| (epoch, key)),
         };
         let index = match self.free_slots.pop() {
             Some(i) => {
@@ -120,9 +133,15 @@ impl Inflight {
             }
             None => {
                 self.slots.push(slot);
+                self.keys.push(Vec::new());
                 (self.slots.len() - 1) as u32
             }
         };
+        if let Some((_, _, bytes)) = from.cache {
+            let k = &mut self.keys[index as usize];
+            k.clear();
+            k.extend_from_slice(bytes);
+        }
         self.by_id[usize::from(wire_id)] = index + 1;
         self.live += 1;
         Some(wire_id)
@@ -141,7 +160,14 @@ impl Inflight {
             listener: slot.listener,
             sent: slot.sent,
             backend: slot.backend.take().expect("live slot has a backend"),
+            slot: index,
+            cache: slot.cache,
         }
+    }
+
+    /// The cache key bytes of a finished query (see [`Done::slot`]).
+    fn key_bytes(&self, slot: u32) -> &[u8] {
+        &self.keys[slot as usize]
     }
 
     /// Frees the slot of a query that never left (its wire ID is `id`).
@@ -215,6 +241,9 @@ pub(crate) struct UdpWorker {
     limiter: RateLimiter,
     /// Counts of the batch being handled, added to the shared counters once per batch.
     edge: EdgeCounts,
+    /// This worker's packet cache (`None`: off), and room to build a key.
+    cache: Option<Cache>,
+    key_buf: Vec<u8>,
 }
 
 /// Edge-protection counts of one batch: under a flood nearly every datagram is one
@@ -245,7 +274,13 @@ impl UdpWorker {
         }
         let tunables = shared.tunables.load_full();
         let limiter = RateLimiter::new(tunables.rate_limit.as_ref(), shared.udp_workers);
+        let cache = shared
+            .cache
+            .enabled()
+            .then(|| Cache::new(shared.cache.udp_entries, shared.cache.max_ttl));
         Ok(UdpWorker {
+            cache,
+            key_buf: Vec::new(),
             limiter,
             edge: EdgeCounts::default(),
             shared,
@@ -355,6 +390,9 @@ impl UdpWorker {
         if evicted > 0 {
             m.rate_limit_evicted.increment(evicted);
         }
+        if let Some(c) = &mut self.cache {
+            c.report(m, Transport::Udp);
+        }
     }
 
     /// Frees timed-out slots, charging their backends.
@@ -378,7 +416,12 @@ impl UdpWorker {
                 o.clear();
             }
             for i in 0..n {
-                let Some((bytes, from)) = datagram(&self.shared, &mut self.queries, i) else {
+                let (room, len, from, cut) = self.queries.get_room(i);
+                if cut {
+                    self.shared.metrics.drop_udp(Drop::Oversized);
+                    continue;
+                }
+                let Some(from) = from else {
                     continue;
                 };
                 match on_query(
@@ -387,9 +430,10 @@ impl UdpWorker {
                     &mut self.picker,
                     &mut self.table,
                     (&mut self.limiter, &mut self.edge),
+                    (&mut self.cache, &mut self.key_buf),
                     self.up6.is_some(),
                     listener,
-                    bytes,
+                    (room, len),
                     from,
                     now,
                 ) {
@@ -397,7 +441,7 @@ impl UdpWorker {
                         index: i,
                         to,
                         via: id,
-                        len: bytes.len(),
+                        len,
                     }),
                     Action::Reply(len) => self.out[2].push(Out {
                         index: i,
@@ -474,9 +518,14 @@ impl UdpWorker {
                 let Some((bytes, from)) = datagram(&self.shared, &mut self.answers, i) else {
                     continue;
                 };
-                if let Some((listener, client)) =
-                    on_answer(&self.shared, &mut self.table, bytes, from, now)
-                {
+                if let Some((listener, client)) = on_answer(
+                    &self.shared,
+                    &mut self.table,
+                    &mut self.cache,
+                    bytes,
+                    from,
+                    now,
+                ) {
                     replies.push(Out {
                         index: i,
                         to: client,
@@ -484,6 +533,10 @@ impl UdpWorker {
                         len: bytes.len(),
                     });
                 }
+            }
+            // Counted before the answers leave: a client that sees one sees it counted.
+            if let Some(c) = &mut self.cache {
+                c.report(&self.shared.metrics, Transport::Udp);
             }
             // Usually every answer leaves from the same listener: one call for all.
             let mut rest = &mut replies[..];
@@ -594,13 +647,15 @@ fn on_query(
     picker: &mut Picker,
     table: &mut Inflight,
     (limiter, counts): (&mut RateLimiter, &mut EdgeCounts),
+    (cache, key_buf): (&mut Option<Cache>, &mut Vec<u8>),
     have_v6: bool,
     listener: u16,
-    msg: &mut [u8],
+    (room, len): (&mut [u8], usize),
     client: SocketAddr,
     now: Instant,
 ) -> Action {
     let m = &shared.metrics;
+    let msg = &mut room[..len];
     if !tun.acl.allows(client.ip()) {
         counts.acl += 1;
         return Action::None;
@@ -626,6 +681,19 @@ fn on_query(
         }
     }
     let snap = shared.set.load();
+    let mut cached = None;
+    if let Some(cache) = cache {
+        if let Some(key) = cache.key(msg, &q, Transport::Udp, key_buf) {
+            cache.enter(Epoch {
+                generation: snap.generation,
+                flushes: shared.cache_flushes(),
+            });
+            if let Some(answer) = cache.lookup(&key, key_buf, now) {
+                return Action::Reply(cache::answer_in_place(room, answer, key.name_end));
+            }
+            cached = Some((cache.epoch(), key, &key_buf[..]));
+        }
+    }
     let Some(backend) = snap.pick(tun.policy, picker).map(|e| &e.runtime) else {
         m.no_backend_udp.increment(1);
         return Action::Reply(packet::servfail_in_place(msg, q.question_end));
@@ -639,6 +707,7 @@ fn on_query(
         client_id: q.id,
         listener,
         key: q.key,
+        cache: cached,
     };
     let Some(id) = table.insert(now, tun.query_timeout_ms, origin, backend) else {
         m.drop_udp(Drop::IdsExhausted);
@@ -657,6 +726,7 @@ fn on_query(
 fn on_answer(
     shared: &Shared,
     table: &mut Inflight,
+    cache: &mut Option<Cache>,
     msg: &mut [u8],
     from: SocketAddr,
     now: Instant,
@@ -668,6 +738,17 @@ fn on_answer(
             return None;
         }
     };
+    if let (Some(cache), Some((epoch, key))) = (cache, done.cache) {
+        // A hit is written over the query's buffer: no larger than that.
+        cache.store(
+            epoch,
+            &key,
+            table.key_bytes(done.slot),
+            msg,
+            QUERY_BUFFER,
+            now,
+        );
+    }
     packet::set_id(msg, done.client_id);
     done.backend.on_response(packet::rcode(msg), done.sent, now);
     Some((done.listener, done.client))
@@ -677,12 +758,13 @@ fn on_answer(
 mod tests {
     use super::*;
 
-    fn origin(client: SocketAddr, client_id: u16, key: QuestionKey) -> Origin {
+    fn origin(client: SocketAddr, client_id: u16, key: QuestionKey) -> Origin<'static> {
         Origin {
             client,
             client_id,
             listener: 0,
             key,
+            cache: None,
         }
     }
 

@@ -58,9 +58,14 @@ impl Named {
     }
 
     pub fn start_on(port: u16) -> Named {
+        Named::start_serving(port, &std::fs::read_to_string(zone_file()).unwrap())
+    }
+
+    /// A named on `port` serving `zone` (the text of a zone file) as example.test.
+    pub fn start_serving(port: u16, zone: &str) -> Named {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::copy(zone_file(), d.join("example.test.zone")).unwrap();
+        std::fs::write(d.join("example.test.zone"), zone).unwrap();
         let conf = format!(
             r#"options {{
     directory "{dir}";
