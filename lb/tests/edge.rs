@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dnslb::metrics::{DROPPED, RATE_LIMITED};
+use dnslb::metrics::{DROPPED, RATE_LIMITED, TCP_CONNECTIONS_OPEN};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 
@@ -374,6 +374,14 @@ fn a_slowloris_client_holds_no_slot_past_the_idle_timeout() {
     let mut slow = tcp_from("127.0.0.5", lb.dns).unwrap();
     slow.set_read_timeout(Some(Duration::from_millis(1000)))
         .unwrap();
+    // The handshake completes in the kernel before dnslb accepts: wait until the
+    // slow connection holds the slot, or the second one below could take it first
+    // (another worker's listener may accept it earlier).
+    assert!(eventually(T, || metric(
+        &scrape(&lb),
+        TCP_CONNECTIONS_OPEN,
+        &[]
+    ) >= 1.0));
     let start = Instant::now();
     let mut checked_cap = false;
     for byte in &frame {
