@@ -16,7 +16,15 @@
 #     hosts, each pointed at a real dnslb started here: one fronting a real named (healthy:
 #     /healthz 200, NOERROR), one fresh without backends (healthy: 503 with no backends,
 #     SERVFAIL), one whose only backend is down (not healthy: the play fails on it after
-#     dnslb_health_wait_s), and a fourth that must never be touched.
+#     dnslb_health_wait_s), and a fourth that must never be touched;
+#  4. dnslb role in local mode (dnslb_local): a real dnslb process on 127.0.0.57 in its own
+#     directory (lb1-next), fronting a real named (nameserver role, local); files, modes,
+#     only relative paths in dnslb.toml; dig through it answers NOERROR; a second run reports
+#     changed=0 and keeps the process; the directory is renamed (lb1-next -> lb1) while it
+#     runs, then a run against lb1 with a config and token change reloads it (SIGHUP, same
+#     pid): it still answers, the new token works, and an admin change writes state.json in
+#     lb1; a new binary restarts it (new pid, the backend set restored from state.json); a
+#     changed listen port restarts it too (dnslb applies [listen] only at start-up).
 #
 # Needs ansible-playbook, named, named-checkconf, named-checkzone, dig, python3. Independent of
 # the caller's ansible.cfg/~/.ansible: everything goes to a temp dir that is removed on exit,
@@ -46,10 +54,21 @@ prefix=$work/dnslb
 
 cleanup() {
     local rc=$? pidfile pid
+    # Local-mode load balancers of step 4 (the directory is renamed during the test).
+    for pidfile in "$work/local/lb1-next/dnslb.pid" "$work/local/lb1/dnslb.pid"; do
+        if [ -s "$pidfile" ]; then
+            pid=$(cat "$pidfile")
+            if kill "$pid" 2>/dev/null; then
+                for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+                kill -9 "$pid" 2>/dev/null || true
+            fi
+        fi
+    done
     if [ -s "$work/dnslb.pids" ]; then
         while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$work/dnslb.pids"
     fi
-    for pidfile in "$ns_root/named.pid" "$ns_renamed/named.pid" "$work/ns/t2/named.pid"; do
+    for pidfile in "$ns_root/named.pid" "$ns_renamed/named.pid" "$work/ns/t2/named.pid" \
+        "$work/ns/t3/named.pid"; do
         if [ -s "$pidfile" ]; then
             pid=$(cat "$pidfile")
             if kill "$pid" 2>/dev/null; then
@@ -100,16 +119,18 @@ expect_recap() {
     [[ $line =~ unreachable=0\ +failed=0 ]] || die "$1: $line"
 }
 
+# free_port [IP]: a port free for TCP and UDP on IP (default 127.0.0.1).
 free_port() {
-    python3 - <<'EOF'
-import socket
+    python3 - "${1:-127.0.0.1}" <<'EOF'
+import socket, sys
+ip = sys.argv[1]
 while True:
     t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    t.bind(("127.0.0.1", 0))
+    t.bind((ip, 0))
     port = t.getsockname()[1]
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        u.bind(("127.0.0.1", port))
+        u.bind((ip, port))
     except OSError:
         continue
     finally:
@@ -399,3 +420,168 @@ if grep -q '\[lbD\]' "$log" || [ -e "$work/lbs/lbD" ]; then
     die "lbD was touched after lbC failed"
 fi
 ok "one host at a time (three batches), each healthy before the next; the play stopped at lbC, lbD untouched"
+
+# ---------------------------------------------------------------------------------------------
+step "4. dnslb role, local mode (a dnslb process on 127.0.0.57, renamed while it runs)"
+# A nameserver for it to front (the nameserver role, local, as in step 1).
+port=$(free_port)
+ns_inventory "$work/ns/t3" >"$work/ns-t3.json"
+play ns-5 "$work/ns-t3.json" t1
+wait_serial "$port" "$serial"
+ns3_port=$port
+
+lb_ip=127.0.0.57
+lb_next=$work/local/lb1-next
+lb_live=$work/local/lb1
+lb_dns=$(free_port "$lb_ip")
+lb_admin=$(free_port "$lb_ip")
+ltoken="local-token-$RANDOM$RANDOM"
+# local_inventory ROOT BINARY TOKEN DNS_PORT QUERY_TIMEOUT_MS: the host vars the deployer's
+# local provider passes for one load balancer.
+local_inventory() {
+    python3 - "$@" "$lb_ip" "$lb_admin" "$ns3_port" <<'EOF'
+import json, sys
+root, binary, token, dns, timeout_ms, ip, admin, ns_port = sys.argv[1:9]
+print(json.dumps({
+    "nameservers": {"hosts": {}},
+    "load_balancers": {"hosts": {"lb1": {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "common_local": True,
+        "dnslb_local": True,
+        "dnslb_root": root,
+        "dnslb_binary_src": binary,
+        "dnslb_admin_token": token,
+        "dnslb_listen_dns": [ip + ":" + dns],
+        "dnslb_admin_listen": ip + ":" + admin,
+        "dnslb_backends": [{"name": "ns1", "address": "127.0.0.1:" + ns_port}],
+        "dnslb_query_timeout_ms": int(timeout_ms),
+        "dnslb_health_interval_ms": 200,
+        "dnslb_health_timeout_ms": 200,
+        "dnslb_health_wait_s": 20,
+    }}},
+}, indent=1))
+EOF
+}
+
+# lb_rcode PORT: the RCODE of example.test SOA through the local load balancer, or nothing.
+lb_rcode() {
+    dig @"$lb_ip" -p "$1" example.test SOA +time=1 +tries=2 2>/dev/null \
+        | sed -n 's/.*status: \([A-Z]*\).*/\1/p' | head -n 1
+}
+# expect_noerror PORT WHAT: up to 5 s for a NOERROR answer through the load balancer.
+expect_noerror() {
+    local got=
+    for _ in $(seq 25); do
+        got=$(lb_rcode "$1")
+        [ "$got" = NOERROR ] && { ok "$2: dig @$lb_ip -p $1 example.test SOA: NOERROR"; return 0; }
+        sleep 0.2
+    done
+    die "$2: dig @$lb_ip -p $1 example.test SOA: expected NOERROR, got '${got:-no answer}'"
+}
+# admin_call METHOD PATH TOKEN [JSON]: prints "STATUS BODY" of an admin API call.
+admin_call() {
+    python3 - "$lb_ip:$lb_admin" "$@" <<'EOF'
+import sys, urllib.error, urllib.request
+addr, method, path, token = sys.argv[1:5]
+body = sys.argv[5].encode() if len(sys.argv) > 5 else None
+req = urllib.request.Request("http://%s%s" % (addr, path), data=body, method=method)
+req.add_header("Authorization", "Bearer " + token)
+if body is not None:
+    req.add_header("Content-Type", "application/json")
+try:
+    with urllib.request.urlopen(req, timeout=5) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+EOF
+}
+# lb_pid DIR: the pid in DIR/dnslb.pid, which must be alive with DIR as its cwd.
+lb_pid() {
+    local pid
+    [ -s "$1/dnslb.pid" ] || die "no $1/dnslb.pid"
+    pid=$(cat "$1/dnslb.pid")
+    kill -0 "$pid" 2>/dev/null || die "dnslb (pid $pid, $1/dnslb.pid) is not running"
+    [ "$(readlink "/proc/$pid/cwd")" = "$1" ] || die "dnslb (pid $pid) does not run in $1"
+    echo "$pid"
+}
+
+local_inventory "$lb_next" "$dnslb_src" "$ltoken" "$lb_dns" 2000 >"$work/local.json"
+echo "load balancer $lb_next on $lb_ip:$lb_dns (admin $lb_ip:$lb_admin), backend 127.0.0.1:$ns3_port"
+play local-1 "$work/local.json" lb1
+lpid=$(lb_pid "$lb_next")
+ok "dnslb started in $lb_next, pid $lpid"
+cmp -s "$lb_next/dnslb" "$dnslb_src" || die "$lb_next/dnslb differs from $dnslb_src"
+[ "$(stat -c %a "$lb_next/dnslb")" = 755 ] || die "$lb_next/dnslb is not 0755"
+[ "$(stat -c %a "$lb_next/admin.token")" = 600 ] || die "$lb_next/admin.token is not 0600"
+[ "$(cat "$lb_next/admin.token")" = "$ltoken" ] || die "admin.token does not hold the token"
+[ -s "$lb_next/state.json" ] || die "no state file $lb_next/state.json"
+for d in etc usr var; do [ ! -e "$lb_next/$d" ] || die "local mode created $lb_next/$d"; done
+if grep -q "$ltoken" "$lb_next/dnslb.toml" "$work/local-1.log"; then die "the token leaked into dnslb.toml or the log"; fi
+ok "files: dnslb 0755, dnslb.toml, admin.token 0600, state.json; no etc/usr/var tree"
+grep -qx 'token_file = "admin.token"' "$lb_next/dnslb.toml" || die "token_file is not \"admin.token\""
+grep -qx 'path = "state.json"' "$lb_next/dnslb.toml" || die "state.path is not \"state.json\""
+if grep -v '^[[:space:]]*#' "$lb_next/dnslb.toml" | grep -n '"/'; then die "dnslb.toml contains absolute paths"; fi
+ok "dnslb.toml uses only relative paths"
+[ "$(readlink "/proc/$lpid/fd/0")" = /dev/null ] && [ "$(readlink "/proc/$lpid/fd/1")" = "$lb_next/dnslb.log" ] \
+    && [ "$(readlink "/proc/$lpid/fd/2")" = "$lb_next/dnslb.log" ] || die "dnslb's stdio is not /dev/null + dnslb.log"
+[ "$(ps -o sid= -p "$lpid" | tr -d ' ')" = "$lpid" ] || die "dnslb is not in a session of its own"
+ok "stdio on /dev/null and dnslb.log, own session (setsid)"
+grep -A1 'Wait until dnslb is healthy' "$work/local-1.log" | grep -q '^ok: \[lb1\]' || { cat "$work/local-1.log" >&2; die "the health wait did not pass"; }
+ok "the role's health wait passed"
+expect_noerror "$lb_dns" "first run"
+
+play local-2 "$work/local.json" lb1
+expect_recap local-2 lb1 0
+[ "$(lb_pid "$lb_next")" = "$lpid" ] || die "second run started another dnslb"
+ok "second run: changed=0, same dnslb (pid $lpid)"
+
+mv "$lb_next" "$lb_live"
+expect_noerror "$lb_dns" "renamed to lb1 while it runs"
+ltoken2="local-token2-$RANDOM$RANDOM"
+local_inventory "$lb_live" "$dnslb_src" "$ltoken2" "$lb_dns" 1500 >"$work/local-live.json"
+play local-3 "$work/local-live.json" lb1
+expect_recap local-3 lb1 3     # dnslb.toml, admin.token, and the SIGHUP handler
+[ "$(lb_pid "$lb_live")" = "$lpid" ] || die "the run against the renamed dir started another dnslb"
+[ ! -e "$lb_next" ] || die "the run against lb1 recreated lb1-next"
+grep -q 'configuration reloaded' "$lb_live/dnslb.log" || die "no reload in $lb_live/dnslb.log"
+grep -qx 'query_timeout_ms = 1500' "$lb_live/dnslb.toml" || die "the new query timeout is not in dnslb.toml"
+ok "run against lb1: config and token changed, SIGHUP, same dnslb (pid $lpid)"
+expect_noerror "$lb_dns" "after the reload"
+read -r st _ < <(admin_call GET /v1/backends "$ltoken")
+[ "$st" = 401 ] || die "the old token still works after the reload ($st)"
+read -r st body < <(admin_call POST /v1/backends "$ltoken2" "{\"name\":\"ns1b\",\"address\":\"127.0.0.1:$ns3_port\"}")
+[ "$st" = 201 ] || die "POST /v1/backends with the new token: $st $body"
+grep -q '"ns1b"' "$lb_live/state.json" || die "the admin change is not in $lb_live/state.json"
+[ ! -e "$lb_next" ] || die "dnslb wrote to the old path $lb_next"
+ok "new token accepted, old one refused; the admin change was written to lb1/state.json"
+
+# A new binary: the same program with one byte appended (the loader ignores it).
+cp "$dnslb_src" "$work/dnslb-bin2"
+printf '\n' >>"$work/dnslb-bin2"
+local_inventory "$lb_live" "$work/dnslb-bin2" "$ltoken2" "$lb_dns" 1500 >"$work/local-bin2.json"
+play local-4 "$work/local-bin2.json" lb1
+expect_recap local-4 lb1 2     # the binary, and the restart handler
+lpid2=$(lb_pid "$lb_live")
+[ "$lpid2" != "$lpid" ] || die "a new binary did not restart dnslb"
+kill -0 "$lpid" 2>/dev/null && die "the old dnslb (pid $lpid) still runs"
+cmp -s "$lb_live/dnslb" "$work/dnslb-bin2" || die "the new binary was not installed"
+read -r st body < <(admin_call GET /v1/backends "$ltoken2")
+[ "$st" = 200 ] && [[ $body == *'"ns1b"'* ]] || die "after the restart the set lacks ns1b: $st $body"
+ok "new binary: restarted (pid $lpid -> $lpid2), backend set restored from state.json"
+expect_noerror "$lb_dns" "after the restart"
+
+# A new listen port: dnslb applies [listen] only at start-up, so the reload restarts it.
+lb_dns2=$(free_port "$lb_ip")
+local_inventory "$lb_live" "$work/dnslb-bin2" "$ltoken2" "$lb_dns2" 1500 >"$work/local-port.json"
+play local-5 "$work/local-port.json" lb1
+expect_recap local-5 lb1 2     # dnslb.toml, and the reload handler (which restarted)
+lpid3=$(lb_pid "$lb_live")
+[ "$lpid3" != "$lpid2" ] || die "a new listen port did not restart dnslb"
+ok "new listen port $lb_dns2: restarted (pid $lpid2 -> $lpid3)"
+expect_noerror "$lb_dns2" "on the new port"
+
+kill "$lpid3"
+for _ in $(seq 100); do kill -0 "$lpid3" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$lpid3" 2>/dev/null && die "dnslb did not stop on SIGTERM"
+ok "local dnslb stopped"

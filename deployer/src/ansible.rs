@@ -70,24 +70,38 @@ fn signal_group(pgid: u32, sig: &str) {
         .status();
 }
 
-/// Writes the inventory and runs the playbook on `hosts` (group `nameservers`),
-/// killing it (and its process group) when it runs longer than `timeout`.
+/// Which play of the playbook a host belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// `nameservers` (roles common, nameserver).
+    Nameservers,
+    /// `load_balancers` (roles common, dnslb).
+    LoadBalancers,
+}
+
+/// Writes the inventory and runs the playbook on `hosts` (all in `group`), killing it
+/// (and its process group) when it runs longer than `timeout`.
 pub async fn provision(
     command: &str,
     playbook: &Path,
     run_dir: &Path,
     hosts: &[Host],
+    group: Group,
     timeout: Duration,
 ) -> Result<(), AnsibleError> {
     std::fs::create_dir_all(run_dir)?;
-    let mut nameservers = Map::new();
+    let mut members = Map::new();
     for h in hosts {
-        nameservers.insert(h.name.clone(), Value::Object(h.vars.clone()));
+        members.insert(h.name.clone(), Value::Object(h.vars.clone()));
     }
+    let (nameservers, load_balancers) = match group {
+        Group::Nameservers => (members, Map::new()),
+        Group::LoadBalancers => (Map::new(), members),
+    };
     let inventory = json!({
         "all": { "children": {
             "nameservers": { "hosts": nameservers },
-            "load_balancers": { "hosts": {} },
+            "load_balancers": { "hosts": load_balancers },
         }}
     });
     let inv_path = run_dir.join("inventory.json");
@@ -199,6 +213,7 @@ mod tests {
             Path::new("playbook.yml"),
             &d.path().join("run"),
             &host(),
+            Group::Nameservers,
             Duration::from_secs(1),
         )
         .await
@@ -235,6 +250,7 @@ mod tests {
             Path::new("playbook.yml"),
             &d.path().join("run"),
             &host(),
+            Group::Nameservers,
             Duration::from_secs(1),
         )
         .await
@@ -256,6 +272,7 @@ mod tests {
             Path::new("playbook.yml"),
             &d.path().join("run"),
             &host(),
+            Group::Nameservers,
             Duration::from_secs(30),
         )
         .await
@@ -268,6 +285,7 @@ mod tests {
             Path::new("playbook.yml"),
             &d.path().join("run"),
             &host(),
+            Group::Nameservers,
             Duration::from_secs(30),
         )
         .await

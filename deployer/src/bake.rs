@@ -46,7 +46,7 @@ fn sample_line<'a>(line: &'a str, metric: &str) -> Option<(Vec<(&'a str, &'a str
 }
 
 /// Sums `metric` over the lines whose labels all match `want`.
-fn sum(text: &str, metric: &str, want: &[(&str, &str)]) -> u64 {
+pub(crate) fn sum(text: &str, metric: &str, want: &[(&str, &str)]) -> u64 {
     text.lines()
         .filter_map(|l| sample_line(l, metric))
         .filter(|(labels, _)| want.iter().all(|w| labels.contains(w)))

@@ -151,6 +151,10 @@ pub struct Ansible {
     /// never completes, an apt lock) must not stall a rollout forever.
     #[serde(default = "default_ansible_timeout")]
     pub timeout_s: u64,
+    /// The dnslb binary the dnslb role installs on new load balancers (`rollout-lbs`);
+    /// default: `dnslb` beside the deployer binary.
+    #[serde(default)]
+    pub dnslb_binary: Option<PathBuf>,
 }
 
 impl Default for Ansible {
@@ -205,6 +209,62 @@ pub struct LoadBalancer {
     /// Its region, to pick private addresses of nameservers in the same region.
     #[serde(default)]
     pub region: Option<String>,
+    /// The NS name of the delegated zone whose glue points at it (`rollout-lbs`).
+    #[serde(default)]
+    pub ns_name: Option<String>,
+}
+
+/// How the parent zone's delegation is changed (`[registrar] kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrarKind {
+    /// TSIG-signed DNS UPDATE to the parent zone's primary.
+    Rfc2136,
+    /// Print the change, then poll the parent until it is visible.
+    Manual,
+}
+
+/// `[registrar]`: where `rollout-lbs` changes the delegation.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registrar {
+    /// rfc2136 or manual.
+    pub kind: RegistrarKind,
+    /// The delegated zone whose glue changes.
+    pub zone: String,
+    /// The parent's authoritative servers: where the delegation is read (and, with
+    /// rfc2136, the first one is updated).
+    pub parent_servers: Vec<SocketAddr>,
+    /// rfc2136: a BIND key file.
+    #[serde(default)]
+    pub tsig_key_file: Option<PathBuf>,
+    /// An old load balancer counts as idle below this many queries per second …
+    #[serde(default = "default_drain_qps")]
+    pub drain_qps: f64,
+    /// … for this many seconds in a row.
+    #[serde(default = "default_drain_window")]
+    pub drain_window_s: u64,
+    /// How long past the delegation's TTL and the window the drain may last before
+    /// it fails (clients that ignore the TTL).
+    #[serde(default = "default_drain_margin")]
+    pub drain_margin_s: u64,
+    /// How long the new glue may take to show on every parent server (manual: how
+    /// long the operator has).
+    #[serde(default = "default_propagation_timeout")]
+    pub propagation_timeout_s: u64,
+}
+
+fn default_drain_qps() -> f64 {
+    1.0
+}
+fn default_drain_window() -> u64 {
+    30
+}
+fn default_drain_margin() -> u64 {
+    60
+}
+fn default_propagation_timeout() -> u64 {
+    600
 }
 
 /// `[checks]`
@@ -281,6 +341,9 @@ pub struct Config {
     /// `[checks]`
     #[serde(default)]
     pub checks: Checks,
+    /// `[registrar]` (needed by `rollout-lbs` only).
+    #[serde(default)]
+    pub registrar: Option<Registrar>,
 }
 
 /// Linode's label rule (3–64 characters, starts with a letter, letters, digits and
@@ -304,6 +367,41 @@ pub fn label_problem(label: &str) -> Option<String> {
         Some(format!(
             "{label:?} is not a valid instance label (3-64 characters, a letter first, letters/digits/-_. and no doubled -_.)"
         ))
+    }
+}
+
+impl Registrar {
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if hickory_proto::rr::Name::from_ascii(&self.zone).is_err() || !self.zone.ends_with('.') {
+            p.push(format!(
+                "registrar.zone {:?} must be a fully qualified DNS name (ending in a dot)",
+                self.zone
+            ));
+        }
+        if self.parent_servers.is_empty() {
+            p.push("registrar.parent_servers must name at least one server".into());
+        }
+        match (&self.kind, &self.tsig_key_file) {
+            (RegistrarKind::Rfc2136, None) => {
+                p.push("registrar.tsig_key_file is required with kind = \"rfc2136\"".into())
+            }
+            (RegistrarKind::Rfc2136, Some(k)) if !k.is_file() => p.push(format!(
+                "registrar.tsig_key_file {} does not exist",
+                k.display()
+            )),
+            _ => {}
+        }
+        if !(self.drain_qps.is_finite() && self.drain_qps > 0.0) {
+            p.push("registrar.drain_qps must be > 0".into());
+        }
+        if self.drain_window_s == 0 {
+            p.push("registrar.drain_window_s must be > 0".into());
+        }
+        if self.propagation_timeout_s == 0 {
+            p.push("registrar.propagation_timeout_s must be > 0".into());
+        }
+        p
     }
 }
 
@@ -336,6 +434,12 @@ impl Config {
         abs(&mut c.ansible.playbook);
         abs(&mut c.ansible.zones_dir);
         c.checks.zone_files.iter_mut().for_each(abs);
+        if let Some(b) = &mut c.ansible.dnslb_binary {
+            abs(b);
+        }
+        if let Some(k) = c.registrar.as_mut().and_then(|r| r.tsig_key_file.as_mut()) {
+            abs(k);
+        }
         for lb in &mut c.load_balancers {
             if let Some(t) = &mut lb.token_file {
                 abs(t);
@@ -423,6 +527,29 @@ impl Config {
                     z.display()
                 ));
             }
+        }
+        if let Some(r) = &self.registrar {
+            p.extend(r.problems());
+        }
+        for lb in &self.load_balancers {
+            if let Some(n) = &lb.ns_name {
+                if hickory_proto::rr::Name::from_ascii(n).is_err() || !n.ends_with('.') {
+                    p.push(format!(
+                        "load_balancer {:?}: ns_name {n:?} must be a fully qualified DNS name (ending in a dot)",
+                        lb.name
+                    ));
+                } else if let Some(r) = &self.registrar {
+                    let zone = r.zone.trim_end_matches('.').to_ascii_lowercase();
+                    let n = n.trim_end_matches('.').to_ascii_lowercase();
+                    if n != zone && !n.ends_with(&format!(".{zone}")) {
+                        p.push(format!(
+                            "load_balancer {:?}: ns_name {n:?} is not inside {} and so has no glue to change",
+                            lb.name, r.zone
+                        ));
+                    }
+                }
+            }
+            p.extend(label_problem(&format!("{}-next", lb.name)));
         }
         if !(1..=64).contains(&self.provider.max_parallel) {
             p.push("provider.max_parallel must be within 1..=64".into());
@@ -597,5 +724,43 @@ mod tests {
                 .any(|e| e.contains("ansible.timeout_s must be > 0")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn registrar_and_ns_names_are_checked() {
+        let (_d, b) = base();
+        let lb = |ns_name: &str| {
+            format!(
+                "[[nameserver]]\nname = \"ns1\"\n[[load_balancer]]\nname = \"lb1\"\nadmin_url = \"http://127.0.0.1:8053\"\ndns = \"127.0.0.1:5353\"\nnameservers = [\"ns1\"]\nns_name = \"{ns_name}\"\n"
+            )
+        };
+        let ok = format!(
+            "{}[registrar]\nkind = \"manual\"\nzone = \"example.test.\"\nparent_servers = [\"127.0.0.1:5300\"]\n",
+            lb("ns1.example.test.")
+        );
+        let c = Config::parse(&ok, &b).unwrap();
+        let r = c.registrar.unwrap();
+        assert_eq!((r.drain_qps, r.drain_window_s), (1.0, 30));
+        assert_eq!(
+            c.load_balancers[0].ns_name.as_deref(),
+            Some("ns1.example.test.")
+        );
+        let bad = format!(
+            "{}[registrar]\nkind = \"rfc2136\"\nzone = \"example.test\"\nparent_servers = []\ndrain_qps = 0\ndrain_window_s = 0\n",
+            lb("ns1.other.test.")
+        );
+        let err = Config::parse(&bad, &b).unwrap_err();
+        for needle in [
+            "registrar.zone",
+            "parent_servers",
+            "tsig_key_file is required",
+            "drain_qps",
+            "drain_window_s",
+            "is not inside",
+        ] {
+            assert!(err.iter().any(|e| e.contains(needle)), "{needle}: {err:?}");
+        }
+        let err = Config::parse(&lb("ns1"), &b).unwrap_err();
+        assert!(err.iter().any(|e| e.contains("fully qualified")), "{err:?}");
     }
 }

@@ -113,6 +113,35 @@ pub struct Journal {
     pub events: Vec<Event>,
 }
 
+/// Reads a JSON state file, if it exists.
+pub fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is corrupt: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a JSON state file atomically and durably (temporary file, fsync, rename,
+/// fsync of the directory).
+pub fn save_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(value).expect("serializes"))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
 /// Unix seconds now.
 pub fn now() -> u64 {
     SystemTime::now()
@@ -151,27 +180,12 @@ impl Journal {
 
     /// Reads the journal, if any.
     pub fn load(dir: &Path) -> std::io::Result<Option<Journal>> {
-        match std::fs::read_to_string(Self::path(dir)) {
-            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} is corrupt: {e}", Self::path(dir).display()),
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        load_json(&Self::path(dir))
     }
 
     /// Writes it atomically and durably.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join("journal.json.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("serializes"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, Self::path(dir))?;
-        File::open(dir)?.sync_all()
+        save_json(&Self::path(dir), self)
     }
 
     /// Records an event and saves.
@@ -193,10 +207,15 @@ impl Journal {
 
     /// Moves a finished journal aside (kept as history).
     pub fn archive(&self, dir: &Path) -> std::io::Result<()> {
-        let hist = dir.join("history");
-        std::fs::create_dir_all(&hist)?;
-        std::fs::rename(Self::path(dir), hist.join(format!("{}.json", self.id)))
+        archive(&Self::path(dir), dir, &self.id)
     }
+}
+
+/// Moves a finished journal file to `<dir>/history/<id>.json`.
+pub fn archive(path: &Path, dir: &Path, id: &str) -> std::io::Result<()> {
+    let hist = dir.join("history");
+    std::fs::create_dir_all(&hist)?;
+    std::fs::rename(path, hist.join(format!("{id}.json")))
 }
 
 impl Default for Journal {

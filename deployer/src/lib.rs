@@ -12,17 +12,23 @@
 //! - [`retry`] — the one retry policy for remote calls.
 //! - [`registrar`] — where the parent zone's glue changes (RFC 2136 UPDATE, manual),
 //!   and reading what the parent serves.
+//! - [`drain`] — when an old load balancer no longer gets traffic (query rate
+//!   from its /metrics, window, not before the delegation TTL).
 //! - [`bake`] — bake analysis: judging each load balancer's own view of the new
 //!   servers (health, timeouts, SERVFAIL).
 //! - [`journal`] — the journal of the current rollout and the lock.
+//! - [`lbrollout`] — `rollout-lbs`: blue-green of the load balancers through the
+//!   parent zone's delegation.
 //! - [`rollout`] — the engine: bootstrap, rollout, rollback, plan, status, destroy.
 #![warn(missing_docs)]
 
 pub mod ansible;
 pub mod bake;
 pub mod config;
+pub mod drain;
 pub mod journal;
 pub mod lbclient;
+pub mod lbrollout;
 pub mod provider;
 pub mod registrar;
 pub mod retry;

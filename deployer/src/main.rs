@@ -28,6 +28,8 @@ enum Command {
     Bootstrap,
     /// Replace every nameserver blue-green; exit 0 only when it completed.
     Rollout,
+    /// Replace every load balancer blue-green through the parent zone's delegation.
+    RolloutLbs,
     /// Instances, each load balancer's backend set, any unfinished rollout.
     Status {
         /// Print JSON.
@@ -117,6 +119,7 @@ async fn run(command: Command, cfg: Config) -> Result<(), String> {
                     .join(", ")
             );
         }
+        Command::RolloutLbs => println!("{}", d.rollout_lbs().await.map_err(e)?),
         Command::Status { json } => {
             let s = d.status().await.map_err(e)?;
             if json {

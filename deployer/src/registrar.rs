@@ -206,28 +206,53 @@ impl Registrar for Manual {
     ) -> Result<(), RegistrarError> {
         eprintln!(
             "deployer: at the registrar of {zone}, set the glue of {ns} to {} (TTL {ttl}); waiting until {} serve it",
-            addrs
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            self.parent_servers
-                .iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            fmt_addrs(addrs),
+            fmt_addrs(&self.parent_servers)
         );
         wait_for_glue(&self.parent_servers, zone, ns, addrs, self.timeout).await
     }
 }
 
-/// The glue of `ns` that `server` gives in its referral for `zone`, sorted.
-pub async fn served_glue(
-    server: SocketAddr,
-    zone: &str,
-    ns: &str,
-) -> Result<Vec<IpAddr>, RegistrarError> {
-    let (z, n) = (name(zone)?, name(ns)?);
+/// A delegation as one parent server serves it: each NS name with its glue (sorted),
+/// and the longest TTL among the NS records and the glue, which is how long a
+/// resolver may keep using what it read.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Delegation {
+    /// NS name (lower case, fully qualified) and its glue; no glue for an NS name
+    /// outside the zone.
+    pub ns: Vec<(String, Vec<IpAddr>)>,
+    /// Seconds.
+    pub ttl: u32,
+}
+
+impl Delegation {
+    /// Every glue address of every NS name.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self
+            .ns
+            .iter()
+            .flat_map(|(_, a)| a.iter().copied())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The glue of `ns`.
+    pub fn glue(&self, ns: &str) -> Vec<IpAddr> {
+        let n = ns.to_ascii_lowercase();
+        self.ns
+            .iter()
+            .find(|(name, _)| *name == n)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The delegation of `zone` that `server` gives in its referral (over TCP when the
+/// UDP answer is truncated).
+pub async fn delegation(server: SocketAddr, zone: &str) -> Result<Delegation, RegistrarError> {
+    let z = name(zone)?;
     let read = |reason: String| RegistrarError::Read {
         zone: zone.into(),
         reason: format!("{server}: {reason}"),
@@ -242,18 +267,62 @@ pub async fn served_glue(
     } else {
         m
     };
-    let mut glue: Vec<IpAddr> = m
-        .additionals
+    let ns_records: Vec<_> = m
+        .answers
         .iter()
-        .filter(|r| r.name.to_lowercase() == n)
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(IpAddr::V4(a.0)),
-            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-            _ => None,
-        })
+        .chain(m.authorities.iter())
+        .filter(|r| r.name.to_lowercase() == z && r.record_type() == RecordType::NS)
         .collect();
-    glue.sort();
-    Ok(glue)
+    if ns_records.is_empty() {
+        return Err(read(format!(
+            "no NS records for {zone} in its answer (rcode {:?})",
+            m.metadata.response_code
+        )));
+    }
+    let mut ttl = 0;
+    let mut ns = Vec::new();
+    for r in &ns_records {
+        ttl = ttl.max(r.ttl);
+        let RData::NS(target) = &r.data else { continue };
+        let target = target.0.to_lowercase();
+        let mut glue: Vec<IpAddr> = m
+            .additionals
+            .iter()
+            .filter(|a| a.name.to_lowercase() == target)
+            .filter_map(|a| {
+                let ip = match &a.data {
+                    RData::A(x) => IpAddr::V4(x.0),
+                    RData::AAAA(x) => IpAddr::V6(x.0),
+                    _ => return None,
+                };
+                ttl = ttl.max(a.ttl);
+                Some(ip)
+            })
+            .collect();
+        glue.sort();
+        ns.push((target.to_ascii(), glue));
+    }
+    ns.sort();
+    Ok(Delegation { ns, ttl })
+}
+
+/// The glue of `ns` that `server` gives in its referral for `zone`, sorted.
+pub async fn served_glue(
+    server: SocketAddr,
+    zone: &str,
+    ns: &str,
+) -> Result<Vec<IpAddr>, RegistrarError> {
+    let n = name(ns)?.to_ascii();
+    Ok(delegation(server, zone).await?.glue(&n))
+}
+
+/// The addresses, comma separated.
+pub fn fmt_addrs<T: std::fmt::Display>(addrs: &[T]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Waits until every server in `servers` serves exactly `addrs` as the glue of `ns`.
@@ -272,7 +341,7 @@ pub async fn wait_for_glue(
         for &s in servers {
             match served_glue(s, zone, ns).await {
                 Ok(g) if g == want => {}
-                Ok(g) => behind.push(format!("{s} serves {g:?}")),
+                Ok(g) => behind.push(format!("{s} serves [{}]", fmt_addrs(&g))),
                 Err(e) => behind.push(e.to_string()),
             }
         }
@@ -281,7 +350,8 @@ pub async fn wait_for_glue(
         }
         if Instant::now() >= deadline {
             return Err(RegistrarError::Timeout(format!(
-                "the glue of {ns} is not {want:?} on every parent server after {}s: {}",
+                "the glue of {ns} is not [{}] on every parent server after {}s: {}",
+                fmt_addrs(&want),
                 timeout.as_secs(),
                 behind.join("; ")
             )));

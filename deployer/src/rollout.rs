@@ -17,6 +17,7 @@ use crate::config::{Config, CutOver, LoadBalancer};
 use crate::journal::{Journal, Lock, LockError, Phase};
 use crate::lbclient::{describe, same_members, Backend, BackendSet, LbClient, LbError};
 use crate::provider::{Instance, Provider, ProviderError};
+use crate::registrar::{self, Delegation};
 use crate::verify::{self, VerifyError, ZoneChecks};
 
 /// Everything that can stop a command.
@@ -153,8 +154,11 @@ fn progress(what: &str, t0: Instant, outcome: &str) {
 }
 
 impl<P: Provider> Deployer<P> {
-    /// Validated config plus a provider.
-    pub fn new(cfg: Config, provider: P) -> Result<Self> {
+    /// Validated config plus a provider. Load balancers replaced by `rollout-lbs`
+    /// are reached where it recorded them (`<state_dir>/load_balancers.json`).
+    pub fn new(mut cfg: Config, provider: P) -> Result<Self> {
+        let endpoints = crate::lbrollout::load_endpoints(&cfg.provider.state_dir)?;
+        crate::lbrollout::apply_endpoints(&mut cfg.load_balancers, &endpoints);
         let lbs = cfg
             .load_balancers
             .iter()
@@ -167,6 +171,33 @@ impl<P: Provider> Deployer<P> {
             lbs,
             dir,
         })
+    }
+
+    /// The config (with recorded load balancer endpoints applied).
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The provider.
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Refuses while a load balancer rollout is unfinished.
+    fn no_lb_rollout(&self) -> Result<()> {
+        match crate::lbrollout::LbJournal::load(&self.dir)? {
+            Some(j) if j.unfinished() => Err(DeployError::Refused(format!(
+                "load balancer rollout {} is unfinished (step {}): run `deployer rollout-lbs` or `deployer rollback` first",
+                j.id,
+                j.phase.label()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn zones(&self) -> Result<Vec<ZoneChecks>> {
@@ -261,6 +292,7 @@ impl<P: Provider> Deployer<P> {
             &self.cfg.ansible.playbook,
             &self.dir.join("runs").join(run),
             &hosts,
+            ansible::Group::Nameservers,
             Duration::from_secs(self.cfg.ansible.timeout_s),
         )
         .await?;
@@ -277,6 +309,7 @@ impl<P: Provider> Deployer<P> {
     /// balancer still serves what the journal says it left there.
     pub async fn rollout(&self) -> Result<Report> {
         let _lock = Lock::acquire(&self.dir, "rollout")?;
+        self.no_lb_rollout()?;
         let started = Instant::now();
         let mut j = match Journal::load(&self.dir)? {
             Some(mut j) if j.phase == Phase::RollingBack => {
@@ -884,6 +917,9 @@ impl<P: Provider> Deployer<P> {
     /// `deployer rollback [--force]`.
     pub async fn rollback(&self, force: bool) -> Result<String> {
         let _lock = Lock::acquire(&self.dir, "rollback")?;
+        if let Some(s) = self.lb_rollback().await? {
+            return Ok(s);
+        }
         match Journal::load(&self.dir)? {
             Some(mut j) if j.unfinished() => {
                 eprintln!(
@@ -901,6 +937,7 @@ impl<P: Provider> Deployer<P> {
     /// provisions and verifies them, and points every load balancer at them.
     pub async fn bootstrap(&self) -> Result<BTreeMap<String, Instance>> {
         let _lock = Lock::acquire(&self.dir, "bootstrap")?;
+        self.no_lb_rollout()?;
         if let Some(j) = Journal::load(&self.dir)? {
             if j.unfinished() {
                 return Err(DeployError::Refused(format!(
@@ -1007,6 +1044,16 @@ impl<P: Provider> Deployer<P> {
             .nameservers
             .iter()
             .flat_map(|n| [n.name.clone(), next_label(&n.name)])
+            .chain(self.lb_labels())
+            .collect()
+    }
+
+    /// The labels load balancers made by `rollout-lbs` have.
+    fn lb_labels(&self) -> Vec<String> {
+        self.cfg
+            .load_balancers
+            .iter()
+            .flat_map(|l| [l.name.clone(), next_label(&l.name)])
             .collect()
     }
 
@@ -1029,20 +1076,32 @@ impl<P: Provider> Deployer<P> {
         }
         let unfinished = Journal::load(&self.dir)?
             .filter(|j| j.unfinished())
-            .map(|j| UnfinishedRollout {
-                id: j.id,
-                step: j.phase.label().into(),
-                new: j
-                    .new
-                    .values()
-                    .map(|i| format!("{} ({})", i.label, i.id))
-                    .collect(),
-            });
+            .map(|j| UnfinishedRollout::new(j.id, j.phase.label(), &j.new));
+        let mut delegation = Vec::new();
+        if let Some(r) = &self.cfg.registrar {
+            for &server in &r.parent_servers {
+                let (d, error) = match registrar::delegation(server, &r.zone).await {
+                    Ok(d) => (Some(d), None),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                delegation.push(DelegationStatus {
+                    zone: r.zone.clone(),
+                    server,
+                    delegation: d,
+                    error,
+                });
+            }
+        }
+        let unfinished_lb = crate::lbrollout::LbJournal::load(&self.dir)?
+            .filter(|j| j.unfinished())
+            .map(|j| UnfinishedRollout::new(j.id, j.phase.label(), &j.new));
         Ok(Status {
             provider: self.provider.kind().into(),
             instances,
             load_balancers,
+            delegation,
             unfinished_rollout: unfinished,
+            unfinished_lb_rollout: unfinished_lb,
         })
     }
 
@@ -1160,15 +1219,30 @@ impl<P: Provider> Deployer<P> {
             .iter()
             .flat_map(|j| j.old.values().chain(j.new.values()).map(|i| i.id.clone()))
             .collect();
+        let lb_labels = self.lb_labels();
         let mut done = Vec::new();
         for inst in self.provider.list(&labels).await? {
-            if labels.contains(&inst.label) || journaled.contains(&inst.id) {
+            // A load balancer only if the deployer made it.
+            let doomed = if lb_labels.contains(&inst.label) {
+                inst.managed()
+            } else {
+                labels.contains(&inst.label) || journaled.contains(&inst.id)
+            };
+            if doomed {
                 self.provider.delete(&inst).await?;
                 done.push(format!("{} ({})", inst.label, inst.id));
             }
         }
         if let Some(j) = journal {
             j.archive(&self.dir)?;
+        }
+        // The load balancers it made are gone: the config's endpoints apply again.
+        if let Some(j) = crate::lbrollout::LbJournal::load(&self.dir)? {
+            crate::journal::archive(&self.dir.join("lb-journal.json"), &self.dir, &j.id)?;
+        }
+        match std::fs::remove_file(self.dir.join(crate::lbrollout::ENDPOINTS)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
         }
         Ok(done)
     }
@@ -1183,8 +1257,26 @@ pub struct Status {
     pub instances: Vec<Instance>,
     /// Each load balancer's set (or why it could not be read).
     pub load_balancers: BTreeMap<String, LbStatus>,
+    /// The delegation of `[registrar] zone` as each parent server serves it (empty
+    /// without `[registrar]`).
+    pub delegation: Vec<DelegationStatus>,
     /// An interrupted rollout, if any.
     pub unfinished_rollout: Option<UnfinishedRollout>,
+    /// An interrupted load balancer rollout, if any.
+    pub unfinished_lb_rollout: Option<UnfinishedRollout>,
+}
+
+/// The delegation one parent server serves, in `status`.
+#[derive(Debug, Serialize)]
+pub struct DelegationStatus {
+    /// The delegated zone.
+    pub zone: String,
+    /// The parent server asked.
+    pub server: SocketAddr,
+    /// What it serves.
+    pub delegation: Option<Delegation>,
+    /// Or why it could not be read.
+    pub error: Option<String>,
 }
 
 /// One load balancer in `status`.
@@ -1205,6 +1297,19 @@ pub struct UnfinishedRollout {
     pub step: String,
     /// Servers it created.
     pub new: Vec<String>,
+}
+
+impl UnfinishedRollout {
+    fn new(id: String, step: &str, new: &BTreeMap<String, Instance>) -> Self {
+        UnfinishedRollout {
+            id,
+            step: step.into(),
+            new: new
+                .values()
+                .map(|i| format!("{} ({})", i.label, i.id))
+                .collect(),
+        }
+    }
 }
 
 impl std::fmt::Display for Status {
@@ -1256,6 +1361,44 @@ impl std::fmt::Display for Status {
                 (None, e) => writeln!(f, "  {name}: unreachable: {}", e.as_deref().unwrap_or("?"))?,
             }
         }
+        for d in &self.delegation {
+            match (&d.delegation, &d.error) {
+                (Some(del), _) => {
+                    writeln!(
+                        f,
+                        "delegation of {} at {} (TTL {}s):",
+                        d.zone, d.server, del.ttl
+                    )?;
+                    for (ns, glue) in &del.ns {
+                        writeln!(
+                            f,
+                            "  {ns} -> {}",
+                            if glue.is_empty() {
+                                "(no glue)".into()
+                            } else {
+                                registrar::fmt_addrs(glue)
+                            }
+                        )?;
+                    }
+                }
+                (None, e) => writeln!(
+                    f,
+                    "delegation of {} at {}: unreadable: {}",
+                    d.zone,
+                    d.server,
+                    e.as_deref().unwrap_or("?")
+                )?,
+            }
+        }
+        if let Some(u) = &self.unfinished_lb_rollout {
+            writeln!(
+                f,
+                "unfinished load balancer rollout {} stopped at step {} (new: {}): `deployer rollout-lbs` finishes it, `deployer rollback` undoes it",
+                u.id,
+                u.step,
+                u.new.join(", ")
+            )?;
+        }
         match &self.unfinished_rollout {
             Some(u) => writeln!(
                 f,
@@ -1300,6 +1443,7 @@ mod tests {
             dns: "127.0.0.1:53".parse().unwrap(),
             nameservers: vec!["ns1".into()],
             region: None,
+            ns_name: None,
         };
         let (lb1, lb2) = (lb("lb1"), lb("lb2"));
         let set = |addrs: &[&str]| BackendSet {

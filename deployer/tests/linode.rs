@@ -5,6 +5,7 @@
 #[path = "../../lb/tests/common/mod.rs"]
 mod common;
 mod fake_linode;
+mod parent;
 mod support;
 
 use std::io::{BufRead, BufReader};
@@ -880,9 +881,10 @@ fn fault_matrix_provider_calls_that_fail_or_time_out_converge_under_load() {
 }
 
 /// A fleet of 20 nameservers behind 10 load balancers (two each) against the fake:
-/// bootstrap and a full rollout complete, creates and waits run concurrently but at
-/// most `max_parallel` at a time (read from the order of the fake's requests), and
-/// the time it takes is reported.
+/// bootstrap, a full rollout of the nameservers and one of the load balancers
+/// (through a real parent zone, one NS name per load balancer) complete, creates and
+/// waits run concurrently but at most `max_parallel` at a time (read from the order
+/// of the fake's requests), and the time each takes is reported.
 #[test]
 fn scale_a_rollout_of_twenty_nameservers_behind_ten_load_balancers() {
     const NS: usize = 20;
@@ -897,6 +899,15 @@ fn scale_a_rollout_of_twenty_nameservers_behind_ten_load_balancers() {
         common::free_port(),
         Duration::from_millis(300),
     );
+    let mut zone = String::from(
+        "$TTL 2\n@ SOA ns.test. admin.test. 1 3600 600 86400 2\n@ NS ns.test.\nns A 127.0.0.1\n",
+    );
+    for k in 1..=LBS {
+        zone.push_str(&format!(
+            "example NS ns{k}.example\nns{k}.example A 127.0.0.1\n"
+        ));
+    }
+    let parent = parent::start_parent_with(&zone);
     let dir = tempfile::tempdir().unwrap();
     let dns_port = common::free_port();
     let r = repo();
@@ -916,13 +927,23 @@ max_parallel = {PARALLEL}
 [ansible]
 playbook = "{r}/ansible/playbook.yml"
 zones_dir = "{r}/ansible/zones"
+dnslb_binary = "{bin}"
 [checks]
 bake_s = 1
+[registrar]
+kind = "rfc2136"
+zone = "example.test."
+parent_servers = ["{parent}"]
+tsig_key_file = "{key}"
+drain_window_s = 1
 "#,
         state = dir.path().join("state").display(),
         api = api.url,
         ssh = api.fake.ssh_port,
         r = r.display(),
+        bin = common::dnslb_bin().display(),
+        parent = parent.addr,
+        key = parent.dir.path().join("ddns.key").display(),
     );
     for i in 1..=NS {
         text.push_str(&format!(
@@ -931,12 +952,13 @@ bake_s = 1
     }
     for (k, lb) in lbs.iter().enumerate() {
         text.push_str(&format!(
-            "[[load_balancer]]\nname = \"lb{}\"\nadmin_url = \"http://{}\"\ndns = \"{}\"\nregion = \"us-west\"\nnameservers = [\"ns{}\", \"ns{}\"]\n",
+            "[[load_balancer]]\nname = \"lb{}\"\nadmin_url = \"http://{}\"\ndns = \"{}\"\nregion = \"us-west\"\nnameservers = [\"ns{}\", \"ns{}\"]\nns_name = \"ns{}.example.test.\"\n",
             k + 1,
             lb.admin,
             lb.dns,
             2 * k + 1,
-            2 * k + 2
+            2 * k + 2,
+            k + 1
         ));
     }
     std::fs::write(dir.path().join("deployer.toml"), text).unwrap();
@@ -991,8 +1013,52 @@ bake_s = 1
         (2..=PARALLEL).contains(&most),
         "{most} instances waited for at once (want 2..={PARALLEL})"
     );
+    // Then the load balancers themselves: ten new ones, each on its own address, the
+    // parent's glue of each NS name moved to it, the old ones (made by hand) left.
+    let t2 = std::time::Instant::now();
+    let out = cli.run(&["rollout-lbs"]);
+    let lbs_s = t2.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let all = api.fake.linodes();
+    assert_eq!(
+        all.len(),
+        NS + LBS,
+        "one instance per nameserver and load balancer"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = rt
+        .block_on(deployer::registrar::delegation(
+            parent.addr,
+            "example.test.",
+        ))
+        .unwrap();
+    for k in 1..=LBS {
+        let lb = all
+            .iter()
+            .find(|l| l.label == format!("lb{k}"))
+            .unwrap_or_else(|| panic!("no instance lb{k}: {stderr}"));
+        let glue = d.glue(&format!("ns{k}.example.test."));
+        assert_eq!(glue.len(), 1, "ns{k}: {glue:?}");
+        let through = std::net::SocketAddr::new(glue[0], lbs[k - 1].dns.port());
+        let out = Command::new("dig")
+            .args([
+                &format!("@{}", through.ip()),
+                "-p",
+                &through.port().to_string(),
+                "+short",
+                "www.example.test.",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("192.0.2.20"),
+            "lb{k} ({}) at {through}",
+            lb.id
+        );
+    }
     eprintln!(
-        "scale: {NS} nameservers behind {LBS} load balancers: bootstrap {bootstrap_s:.1}s, rollout {rollout_s:.1}s (max_parallel {PARALLEL}, {most} waited for at once)"
+        "scale: {NS} nameservers behind {LBS} load balancers: bootstrap {bootstrap_s:.1}s, rollout {rollout_s:.1}s, rollout-lbs {lbs_s:.1}s (max_parallel {PARALLEL}, {most} waited for at once)"
     );
     let _ = cli.run(&["destroy", "--yes"]);
 }

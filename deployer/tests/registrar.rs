@@ -5,104 +5,22 @@
 
 #[path = "../../lb/tests/common/mod.rs"]
 mod common;
+mod parent;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use deployer::registrar::{self, Manual, Registrar, RegistrarError, Rfc2136};
 
-struct Parent {
-    addr: SocketAddr,
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Parent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sbin(tool: &str) -> String {
-    let p = format!("/usr/sbin/{tool}");
-    if Path::new(&p).exists() {
-        p
-    } else {
-        tool.into()
-    }
-}
-
-fn keygen(path: &Path) {
-    let out = Command::new(sbin("tsig-keygen"))
-        .args(["-a", "hmac-sha256", "ddns-key"])
-        .output()
-        .expect("tsig-keygen (bind9) is installed");
-    assert!(out.status.success());
-    std::fs::write(path, out.stdout).unwrap();
-}
+use parent::{keygen, start_parent_with, Parent};
 
 fn start_parent() -> Parent {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    keygen(&d.join("ddns.key"));
-    std::fs::write(
-        d.join("test.zone"),
+    start_parent_with(
         "$TTL 300\n@ SOA ns.test. admin.test. 1 3600 600 86400 300\n@ NS ns.test.\nns A 127.0.0.1\n\
          example NS ns1.example\nexample NS ns2.example\nns1.example A 127.0.0.10\nns2.example A 127.0.0.11\n",
     )
-    .unwrap();
-    let port = common::free_port();
-    std::fs::write(
-        d.join("named.conf"),
-        format!(
-            r#"include "{dir}/ddns.key";
-options {{
-    directory "{dir}";
-    pid-file none;
-    listen-on port {port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }};
-    recursion no;
-    notify no;
-}};
-controls {{ }};
-zone "test" {{ type primary; file "test.zone"; update-policy {{ grant ddns-key zonesub ANY; }}; }};
-"#,
-            dir = d.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(sbin("named"))
-        .args(["-g", "-n", "1", "-c"])
-        .arg(d.join("named.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(d.join("named.log")).unwrap(),
-        ))
-        .spawn()
-        .expect("named is installed");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let p = Parent { addr, child, dir };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rt
-        .block_on(registrar::served_glue(
-            addr,
-            "example.test.",
-            "ns1.example.test.",
-        ))
-        .map_or(true, |g| g.is_empty())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "parent named did not start: {}",
-            std::fs::read_to_string(p.dir.path().join("named.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    p
 }
 
 fn ips(v: &[&str]) -> Vec<IpAddr> {
@@ -210,4 +128,98 @@ fn the_manual_registrar_waits_until_every_parent_server_serves_the_change() {
     });
     changed.unwrap();
     waited.unwrap();
+}
+
+#[test]
+fn the_delegation_lists_every_ns_name_its_glue_and_the_longest_ttl() {
+    let p = start_parent();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = rt
+        .block_on(registrar::delegation(p.addr, "example.test."))
+        .unwrap();
+    assert_eq!(
+        d.ns,
+        vec![
+            ("ns1.example.test.".to_string(), ips(&["127.0.0.10"])),
+            ("ns2.example.test.".to_string(), ips(&["127.0.0.11"])),
+        ]
+    );
+    assert_eq!(d.ttl, 300, "the zone's $TTL");
+    assert_eq!(d.addresses(), ips(&["127.0.0.10", "127.0.0.11"]));
+    // A glue record with a longer TTL than the NS records sets the bound.
+    let r = Rfc2136 {
+        server: p.addr,
+        key_file: p.dir.path().join("ddns.key"),
+    };
+    rt.block_on(r.set_glue(
+        "example.test.",
+        "ns2.example.test.",
+        &ips(&["127.0.0.12"]),
+        900,
+    ))
+    .unwrap();
+    let d = rt
+        .block_on(registrar::delegation(p.addr, "example.test."))
+        .unwrap();
+    assert_eq!(d.ttl, 900);
+    assert_eq!(d.glue("NS2.example.test."), ips(&["127.0.0.12"]));
+    // A zone the parent does not delegate is an error, not an empty delegation.
+    let e = rt
+        .block_on(registrar::delegation(p.addr, "other.test."))
+        .unwrap_err();
+    assert!(matches!(e, RegistrarError::Read { .. }), "{e}");
+}
+
+#[test]
+fn status_shows_the_delegation_each_parent_server_serves() {
+    let p = start_parent();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("deployer.toml");
+    // The second parent server does not answer: its row says so.
+    let dead = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[provider]\nstate_dir = \"{state}\"\n[ansible]\nplaybook = \"{repo}/ansible/playbook.yml\"\nzones_dir = \"{repo}/ansible/zones\"\n\
+             [[nameserver]]\nname = \"ns1\"\n\
+             [registrar]\nkind = \"manual\"\nzone = \"example.test.\"\nparent_servers = [\"{parent}\", \"{dead}\"]\n",
+            state = dir.path().join("state").display(),
+            repo = repo.display(),
+            parent = p.addr,
+        ),
+    )
+    .unwrap();
+    let run = |json: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_deployer"));
+        c.arg("--config").arg(&cfg).arg("status");
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(false);
+    assert!(
+        text.contains(&format!(
+            "delegation of example.test. at {} (TTL 300s):",
+            p.addr
+        )) && text.contains("  ns1.example.test. -> 127.0.0.10")
+            && text.contains("  ns2.example.test. -> 127.0.0.11")
+            && text.contains(&format!(
+                "delegation of example.test. at {dead}: unreadable"
+            )),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    assert_eq!(
+        v["delegation"][0]["delegation"]["ns"][0],
+        serde_json::json!(["ns1.example.test.", ["127.0.0.10"]])
+    );
+    assert!(v["delegation"][1]["error"].is_string(), "{v}");
 }

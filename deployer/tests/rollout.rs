@@ -7,6 +7,7 @@ mod common;
 mod support;
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,9 @@ const STEPS: [&str; 7] = [
 struct Setup {
     dir: tempfile::TempDir,
     lb: Dnslb,
+    /// The zone files the deployer provisions (the repository's unless a test edits
+    /// a copy).
+    zones_dir: PathBuf,
     /// Between the deployer and the load balancer's admin API, when a test needs to
     /// take the API away.
     proxy: Option<AdminProxy>,
@@ -45,10 +49,19 @@ impl Setup {
     }
 
     fn start(extra_checks: &str, proxied: bool) -> Setup {
-        let lb = Dnslb::start(&lb_config(&[], ""));
+        Setup::start_with(extra_checks, proxied, "", repo().join("ansible/zones"))
+    }
+
+    fn start_with(extra_checks: &str, proxied: bool, lb_extra: &str, zones_dir: PathBuf) -> Setup {
+        let lb = Dnslb::start(&lb_config(&[], lb_extra));
         let dir = tempfile::tempdir().unwrap();
         let proxy = proxied.then(|| AdminProxy::start(lb.admin));
-        let s = Setup { dir, lb, proxy };
+        let s = Setup {
+            dir,
+            lb,
+            zones_dir,
+            proxy,
+        };
         s.write_config(extra_checks);
         s
     }
@@ -68,7 +81,7 @@ kind = "local"
 state_dir = "{state}"
 [ansible]
 playbook = "{r}/ansible/playbook.yml"
-zones_dir = "{r}/ansible/zones"
+zones_dir = "{zones}"
 [[nameserver]]
 name = "ns1"
 [[nameserver]]
@@ -84,6 +97,7 @@ bake_s = 1
 "#,
             state = self.dir.path().join("state").display(),
             r = r.display(),
+            zones = self.zones_dir.display(),
             admin = self.admin_url(),
             dns = self.lb.dns,
         );
@@ -131,6 +145,13 @@ bake_s = 1
                 )
             })
             .collect()
+    }
+
+    /// The SOA serial of the zone file the deployer provisions.
+    fn serial(&self) -> String {
+        let zone = std::fs::read_to_string(self.zones_dir.join("example.test.zone")).unwrap();
+        let line = zone.lines().find(|l| l.contains("; serial")).unwrap();
+        line.split_whitespace().next().unwrap().to_string()
     }
 
     /// Exactly one instance per nameserver, named after it, answering, and the load
@@ -186,7 +207,7 @@ bake_s = 1
                 ],
             );
             assert!(
-                out.contains("2026112901"),
+                out.contains(&self.serial()),
                 "server on {port} answers: {out}"
             );
         }
@@ -300,6 +321,65 @@ fn a_record_the_servers_do_not_serve_fails_the_rollout_and_changes_nothing() {
         before,
         "no new instance left behind, old ones intact"
     );
+}
+
+/// With the load balancer's packet cache on and full of the old servers' answers, a
+/// rollout to servers with changed zone data still verifies the new servers through
+/// it: the swap flushed the cache, so the bake sees the new data or fails.
+#[test]
+fn a_rollout_through_a_caching_load_balancer_verifies_the_new_servers_data() {
+    let zones = tempfile::tempdir().unwrap();
+    let zone_file = zones.path().join("example.test.zone");
+    let original = std::fs::read_to_string(repo().join("ansible/zones/example.test.zone")).unwrap();
+    std::fs::write(&zone_file, &original).unwrap();
+    let s = Setup::start_with(
+        "",
+        false,
+        "[cache]\nmax_entries = 10000\nmax_ttl_s = 3600\n",
+        zones.path().to_path_buf(),
+    );
+    s.ok(&["bootstrap"]);
+    s.assert_converged();
+    let dig = |name: &str, rtype: &str| {
+        common::run(
+            "dig",
+            &[
+                "@127.0.0.1",
+                "-p",
+                &s.lb.dns.port().to_string(),
+                // dig's EDNS cookie is new in each run, and part of the cache key.
+                "+nocookie",
+                "+short",
+                name,
+                rtype,
+            ],
+        )
+    };
+    // Warm the cache with the old data, the way the deployer's checks ask it.
+    for _ in 0..3 {
+        assert!(dig("mail.example.test.", "A").contains("192.0.2.30"));
+        assert!(dig("example.test.", "SOA").contains("2026112901"));
+    }
+    let hits = |s: &Setup| {
+        common::metric(
+            &common::scrape(&s.lb),
+            dnslb::metrics::CACHE_HITS,
+            &[("transport", "udp")],
+        )
+    };
+    assert!(hits(&s) >= 4.0, "the load balancer caches");
+    // The next generation serves other data.
+    let changed = original
+        .replace("2026112901", "2026112902")
+        .replace("192.0.2.30", "192.0.2.130");
+    std::fs::write(&zone_file, changed).unwrap();
+    let out = s.run(&["rollout"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("5/7 bake: ok"), "{stderr}");
+    s.assert_converged();
+    assert_eq!(dig("mail.example.test.", "A").trim(), "192.0.2.130");
+    assert!(dig("example.test.", "SOA").contains("2026112902"));
 }
 
 /// Runs `deployer <args>`; when a line of its stderr contains `marker` calls `act`,

@@ -557,6 +557,17 @@ impl Provider for Linode {
         }
     }
 
+    /// A load balancer is a Linode like any other; its ports are the dnslb role's.
+    async fn create_lb(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+        _ports: &[u16],
+    ) -> Result<Instance, ProviderError> {
+        self.create(label, region, rollout).await
+    }
+
     async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
         let deadline = Instant::now() + Duration::from_secs(self.cfg.boot_timeout_s);
         let poll = Duration::from_millis(self.cfg.poll_interval_ms);
@@ -653,17 +664,7 @@ impl Provider for Linode {
         }
         if self.cfg.provision_local {
             let dir = self.local_dir(inst);
-            if let Some(pid) = super::local::named_pid(&dir) {
-                let _ = std::process::Command::new("kill")
-                    .arg(pid.to_string())
-                    .status();
-                for _ in 0..100 {
-                    if super::local::named_pid(&dir).is_none() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
+            super::local::stop_processes(&dir).await;
             let _ = std::fs::remove_dir_all(dir);
         }
         Ok(())
@@ -705,6 +706,18 @@ impl Provider for Linode {
             })
         };
         super::object(vars)
+    }
+
+    fn lb_host_vars(&self, inst: &Instance) -> Map<String, Value> {
+        let mut vars = self.host_vars(inst);
+        vars.retain(|k, _| !k.starts_with("nameserver_"));
+        if self.cfg.provision_local {
+            vars.insert("dnslb_local".into(), true.into());
+            vars.insert("dnslb_root".into(), json!(self.local_dir(inst)));
+        } else {
+            vars.insert("dnslb_local".into(), false.into());
+        }
+        vars
     }
 
     fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr> {

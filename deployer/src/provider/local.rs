@@ -5,6 +5,10 @@
 //! starts `named` with only relative paths, so renaming the directory (the rename step)
 //! leaves the running process intact. Deleting stops the process and removes the
 //! directory.
+//!
+//! A load balancer (`create_lb`) is the same kind of directory, with a loopback
+//! address of its own (127.0.0.10–127.0.0.250, where its DNS and admin ports are free)
+//! instead of a port of its own; the dnslb role (local mode) starts `dnslb` there.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -45,7 +49,7 @@ impl Local {
                 // The directory name is the label: a rename is one atomic directory
                 // rename, whatever instance.json still says.
                 inst.label = label.to_string();
-                inst.status = if named_running(&self.dir(label)) {
+                inst.status = if running(&self.dir(label)) {
                     "running"
                 } else {
                     "stopped"
@@ -111,11 +115,40 @@ impl Local {
         }
         Err(ProviderError::Api("no free loopback port".into()))
     }
+
+    /// A loopback address for a new load balancer: no other instance has it, and
+    /// every one of `ports` is free on it for UDP and TCP now. From a random start in
+    /// 127.0.0.10–127.0.0.250, so that two deployers (or tests) seldom try the same.
+    fn free_address(&self, ports: &[u16]) -> Result<Ipv4Addr, ProviderError> {
+        const FIRST: u16 = 10;
+        const SPAN: u16 = 241;
+        let taken: Vec<IpAddr> = self.all()?.iter().filter_map(|i| i.public_ipv4).collect();
+        let start = fastrand::u16(0..SPAN);
+        for k in 0..SPAN {
+            let last = u8::try_from(FIRST + (start + k) % SPAN).expect("at most 250");
+            let ip = Ipv4Addr::new(127, 0, 0, last);
+            let free = |&port: &u16| {
+                std::net::UdpSocket::bind((ip, port)).is_ok()
+                    && std::net::TcpListener::bind((ip, port)).is_ok()
+            };
+            if !taken.contains(&IpAddr::V4(ip)) && ports.iter().all(free) {
+                return Ok(ip);
+            }
+        }
+        Err(ProviderError::Api(format!(
+            "no loopback address in 127.0.0.{FIRST}-127.0.0.250 has ports {ports:?} free"
+        )))
+    }
 }
 
 /// The pid in `<dir>/named.pid`, if that process is alive (and not a zombie).
 pub fn named_pid(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join("named.pid"))
+    pid_in(dir, "named.pid")
+}
+
+/// The pid of a local instance's process (`named.pid` or `dnslb.pid`), if alive.
+fn pid_in(dir: &Path, file: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join(file))
         .ok()?
         .trim()
         .parse()
@@ -125,8 +158,28 @@ pub fn named_pid(dir: &Path) -> Option<u32> {
     (state != 'Z').then_some(pid)
 }
 
-fn named_running(dir: &Path) -> bool {
-    named_pid(dir).is_some()
+fn running(dir: &Path) -> bool {
+    named_pid(dir).is_some() || pid_in(dir, "dnslb.pid").is_some()
+}
+
+/// Stops the processes of a local instance directory (named and/or dnslb): SIGTERM,
+/// up to 5 s, then SIGKILL.
+pub async fn stop_processes(dir: &Path) {
+    for file in ["named.pid", "dnslb.pid"] {
+        let Some(pid) = pid_in(dir, file) else {
+            continue;
+        };
+        signal(pid, "-TERM");
+        for _ in 0..100 {
+            if pid_in(dir, file).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(pid) = pid_in(dir, file) {
+            signal(pid, "-KILL");
+        }
+    }
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -134,6 +187,49 @@ fn signal(pid: u32, sig: &str) {
         .args([sig, &pid.to_string()])
         .stderr(std::process::Stdio::null())
         .status();
+}
+
+impl Local {
+    /// `create`, and for a load balancer (`lb_ports`: DNS, admin) an address of its
+    /// own instead of a port of its own.
+    async fn make(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+        lb_ports: Option<&[u16]>,
+    ) -> Result<Instance, ProviderError> {
+        if let Some(existing) = self.read(label)? {
+            if existing.created_by(rollout) {
+                return Ok(existing);
+            }
+            return Err(ProviderError::Conflict(format!(
+                "{label} exists ({}, tags {:?}) but was not created by this run ({}): it is left alone; remove {} if it is not needed, then run again",
+                existing.id,
+                existing.tags,
+                rollout_tag(rollout),
+                self.dir(label).display()
+            )));
+        }
+        let (ip, dns_port) = match lb_ports {
+            None => (Ipv4Addr::LOCALHOST, self.free_port()?),
+            Some(ports) => (self.free_address(ports)?, ports[0]),
+        };
+        let inst = Instance {
+            id: format!("local-{:08x}", fastrand::u32(..)),
+            label: label.into(),
+            region: region.into(),
+            status: "created".into(),
+            public_ipv4: Some(IpAddr::V4(ip)),
+            private_ipv4: None,
+            dns_port,
+            tags: vec![MANAGED_TAG.into(), rollout_tag(rollout)],
+            instance_type: None,
+            image: None,
+        };
+        self.write(&inst)?;
+        Ok(inst)
+    }
 }
 
 impl Provider for Local {
@@ -159,32 +255,17 @@ impl Provider for Local {
         region: &str,
         rollout: &str,
     ) -> Result<Instance, ProviderError> {
-        if let Some(existing) = self.read(label)? {
-            if existing.created_by(rollout) {
-                return Ok(existing);
-            }
-            return Err(ProviderError::Conflict(format!(
-                "{label} exists ({}, tags {:?}) but was not created by this run ({}): it is left alone; remove {} if it is not needed, then run again",
-                existing.id,
-                existing.tags,
-                rollout_tag(rollout),
-                self.dir(label).display()
-            )));
-        }
-        let inst = Instance {
-            id: format!("local-{:08x}", fastrand::u32(..)),
-            label: label.into(),
-            region: region.into(),
-            status: "created".into(),
-            public_ipv4: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            private_ipv4: None,
-            dns_port: self.free_port()?,
-            tags: vec![MANAGED_TAG.into(), rollout_tag(rollout)],
-            instance_type: None,
-            image: None,
-        };
-        self.write(&inst)?;
-        Ok(inst)
+        self.make(label, region, rollout, None).await
+    }
+
+    async fn create_lb(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+        ports: &[u16],
+    ) -> Result<Instance, ProviderError> {
+        self.make(label, region, rollout, Some(ports)).await
     }
 
     async fn wait_ready(&self, inst: &Instance) -> Result<Instance, ProviderError> {
@@ -217,18 +298,7 @@ impl Provider for Local {
             return Ok(());
         };
         let dir = self.dir(&cur.label);
-        if let Some(pid) = named_pid(&dir) {
-            signal(pid, "-TERM");
-            for _ in 0..100 {
-                if named_pid(&dir).is_none() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if let Some(pid) = named_pid(&dir) {
-                signal(pid, "-KILL");
-            }
-        }
+        stop_processes(&dir).await;
         std::fs::remove_dir_all(&dir).or_else(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Ok(())
@@ -251,6 +321,16 @@ impl Provider for Local {
             "nameserver_zones_dir": self.zones_dir,
         });
         super::object(vars)
+    }
+
+    fn lb_host_vars(&self, inst: &Instance) -> Map<String, Value> {
+        super::object(json!({
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "auto_silent",
+            "common_local": true,
+            "dnslb_local": true,
+            "dnslb_root": self.dir(&inst.label),
+        }))
     }
 
     fn backend_addr(&self, inst: &Instance, _lb: &LoadBalancer) -> Option<SocketAddr> {
@@ -283,5 +363,65 @@ mod tests {
         p.write(&old).unwrap();
         let reused = p.create("ns1-next", "local", "r1-aaaa").await.unwrap();
         assert_eq!(reused.id, made.id);
+    }
+
+    #[tokio::test]
+    async fn a_load_balancer_gets_a_loopback_address_of_its_own_with_its_ports_free() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Local::new(d.path(), d.path());
+        let (dns, admin) = (free_test_port(), free_test_port());
+        let a = p
+            .create_lb("lb1-next", "local", "r1-aaaa", &[dns, admin])
+            .await
+            .unwrap();
+        let b = p
+            .create_lb("lb2-next", "local", "r1-aaaa", &[dns, admin])
+            .await
+            .unwrap();
+        let (ia, ib) = (a.public_ipv4.unwrap(), b.public_ipv4.unwrap());
+        assert_ne!(ia, ib, "two load balancers never share an address");
+        for ip in [ia, ib] {
+            let IpAddr::V4(v4) = ip else { panic!("{ip}") };
+            assert!(
+                v4.octets()[..3] == [127, 0, 0] && v4.octets()[3] >= 10,
+                "{ip}"
+            );
+        }
+        assert_eq!(
+            (a.dns_port, b.dns_port),
+            (dns, dns),
+            "the same port as asked"
+        );
+        // The same run gets the same one back; the lb host vars run it locally there.
+        let again = p
+            .create_lb("lb1-next", "local", "r1-aaaa", &[dns, admin])
+            .await
+            .unwrap();
+        assert_eq!(again.public_ipv4, a.public_ipv4);
+        let vars = p.lb_host_vars(&a);
+        assert_eq!(vars["dnslb_local"], json!(true));
+        assert_eq!(vars["dnslb_root"], json!(d.path().join("local/lb1-next")));
+        // An address whose port is taken is not handed out: with the port held on
+        // every address of the range but one, that one is chosen.
+        let spare = Ipv4Addr::new(127, 0, 0, 77);
+        let port = free_test_port();
+        let _held: Vec<_> = (10..=250u8)
+            .map(|x| Ipv4Addr::new(127, 0, 0, x))
+            .filter(|ip| *ip != spare && ![ia, ib].contains(&IpAddr::V4(*ip)))
+            .filter_map(|ip| std::net::UdpSocket::bind((ip, port)).ok())
+            .collect();
+        let c = p
+            .create_lb("lb3-next", "local", "r1-aaaa", &[port])
+            .await
+            .unwrap();
+        assert_eq!(c.public_ipv4, Some(IpAddr::V4(spare)));
+    }
+
+    fn free_test_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 }

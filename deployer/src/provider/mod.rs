@@ -126,8 +126,22 @@ pub trait Provider {
     async fn rename(&self, inst: &Instance, label: &str) -> Result<Instance, ProviderError>;
     /// Deletes an instance; deleting one that is gone is not an error.
     async fn delete(&self, inst: &Instance) -> Result<(), ProviderError>;
+    /// Creates a load balancer `label` (same reuse rules as `create`) that will listen
+    /// on `ports` (DNS, admin) of its address: the local provider picks a loopback
+    /// address of its own where they are free.
+    async fn create_lb(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+        ports: &[u16],
+    ) -> Result<Instance, ProviderError>;
     /// Ansible host variables for provisioning this instance.
     fn host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value>;
+    /// Ansible host variables for provisioning this instance as a load balancer (the
+    /// connection, and `dnslb_local`/`dnslb_root` where it runs on this machine); the
+    /// rollout adds the dnslb role's own variables.
+    fn lb_host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value>;
     /// The address a load balancer should use for this instance.
     fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr>;
 }
@@ -187,8 +201,20 @@ impl Provider for AnyProvider {
     async fn delete(&self, inst: &Instance) -> Result<(), ProviderError> {
         dispatch!(self, p => p.delete(inst).await)
     }
+    async fn create_lb(
+        &self,
+        label: &str,
+        region: &str,
+        rollout: &str,
+        ports: &[u16],
+    ) -> Result<Instance, ProviderError> {
+        dispatch!(self, p => p.create_lb(label, region, rollout, ports).await)
+    }
     fn host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value> {
         dispatch!(self, p => p.host_vars(inst))
+    }
+    fn lb_host_vars(&self, inst: &Instance) -> serde_json::Map<String, serde_json::Value> {
+        dispatch!(self, p => p.lb_host_vars(inst))
     }
     fn backend_addr(&self, inst: &Instance, lb: &LoadBalancer) -> Option<SocketAddr> {
         dispatch!(self, p => p.backend_addr(inst, lb))
