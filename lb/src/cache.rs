@@ -120,6 +120,18 @@ pub(crate) struct Key {
     pub name_end: usize,
 }
 
+/// What the cache does with one query (see [`Cache::probe`]).
+pub(crate) enum Probe<'a> {
+    /// Answered from the cache: the stored answer, and where the question's name
+    /// ends (the client's ID and name go over the answer's).
+    Hit(&'a [u8], usize),
+    /// Not held: forward the query and offer its answer to [`Cache::store`] with
+    /// this epoch and key (the key's bytes are in the caller's buffer).
+    Miss(Epoch, Key),
+    /// A query the cache never answers (not looked up, not counted).
+    Never,
+}
+
 impl Cache {
     /// A cache holding at most `capacity` entries (at least one), each for at most
     /// `max_ttl`.
@@ -151,6 +163,29 @@ impl Cache {
     pub(crate) fn report(&mut self, metrics: &DataPlane, transport: Transport) {
         let c = self.take_counts();
         metrics.count_cache(transport as usize, c.hits, c.misses, c.evictions, c.entries);
+    }
+
+    /// Looks `msg` (a parsed query that came over `transport`) up in `epoch`, the
+    /// backend set's generation and flushes now: moves the cache to `epoch` first,
+    /// so no entry of an earlier one is ever served. The key's bytes are left in `buf`.
+    pub(crate) fn probe(
+        &mut self,
+        msg: &[u8],
+        q: &Query,
+        transport: Transport,
+        buf: &mut Vec<u8>,
+        epoch: Epoch,
+        now: Instant,
+    ) -> Probe<'_> {
+        let Some(key) = self.key(msg, q, transport, buf) else {
+            return Probe::Never;
+        };
+        self.enter(epoch);
+        let epoch = self.epoch;
+        match self.lookup(&key, buf, now) {
+            Some(answer) => Probe::Hit(answer, key.name_end),
+            None => Probe::Miss(epoch, key),
+        }
     }
 
     /// Builds the key of `msg` (a parsed query) into `buf`. `None` if the query is not
@@ -201,11 +236,6 @@ impl Cache {
             self.hand = 0;
             self.epoch = epoch;
         }
-    }
-
-    /// The epoch the cache holds entries of.
-    pub(crate) fn epoch(&self) -> Epoch {
-        self.epoch
     }
 
     /// The answer stored for `key` (whose bytes are `bytes`), if it has not expired.
@@ -327,6 +357,14 @@ pub(crate) fn answer_in_place(out: &mut [u8], answer: &[u8], name_end: usize) ->
     answer.len()
 }
 
+/// Writes the query's ID and name (the client's case) over `out`, a copy of the cached
+/// answer to it: what [`answer_in_place`] leaves, where the answer cannot be written
+/// over its query.
+pub(crate) fn address_to(out: &mut [u8], query: &[u8], name_end: usize) {
+    out[..2].copy_from_slice(&query[..2]);
+    out[packet::HEADER_LEN..name_end].copy_from_slice(&query[packet::HEADER_LEN..name_end]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +452,50 @@ mod tests {
                 evictions: 0,
                 entries: 1
             }
+        );
+    }
+
+    /// `probe` moves to the epoch it is given before looking up, so an answer stored
+    /// in an earlier one is a miss in the next; a zone transfer is never looked up.
+    #[test]
+    fn a_probe_enters_the_epoch_it_is_given_and_never_looks_up_a_transfer() {
+        let mut c = Cache::new(10, Duration::from_secs(300));
+        let now = Instant::now();
+        let q = query("www.example.", 3);
+        let pq = packet::parse_query(&q).unwrap();
+        let mut kb = Vec::new();
+        let Probe::Miss(epoch, key) = c.probe(&q, &pq, Transport::Tcp, &mut kb, E, now) else {
+            panic!("an empty cache holds nothing");
+        };
+        assert_eq!(epoch, E);
+        let a = answer_to(&q, 60, ResponseCode::NoError);
+        assert!(c.store(epoch, &key, &kb, &a, 65535, now));
+        let Probe::Hit(hit, name_end) = c.probe(&q, &pq, Transport::Tcp, &mut kb, E, now) else {
+            panic!("stored in this epoch");
+        };
+        assert_eq!((hit, name_end), (&a[..], key.name_end));
+        let next = Epoch {
+            generation: 2,
+            flushes: 0,
+        };
+        match c.probe(&q, &pq, Transport::Tcp, &mut kb, next, now) {
+            Probe::Miss(e, _) => assert_eq!(e, next),
+            _ => panic!("a new generation holds nothing of the old"),
+        }
+        assert_eq!(c.len(), 0);
+        let mut m = Message::from_vec(&q).unwrap();
+        m.queries[0].set_query_type(RecordType::AXFR);
+        let axfr = m.to_bytes().unwrap();
+        let pa = packet::parse_query(&axfr).unwrap();
+        assert!(matches!(
+            c.probe(&axfr, &pa, Transport::Tcp, &mut kb, next, now),
+            Probe::Never
+        ));
+        let counts = c.take_counts();
+        assert_eq!(
+            (counts.hits, counts.misses),
+            (1, 2),
+            "a transfer is not counted"
         );
     }
 

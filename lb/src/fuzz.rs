@@ -118,6 +118,10 @@ pub fn cache_store(data: &[u8]) {
         "the client's name"
     );
     assert_eq!(&out[end..n], &answer[end..]);
+    // Over TCP the answer is copied out first, then addressed: the same bytes.
+    let mut copy = hit.clone();
+    cache::address_to(&mut copy, query, end);
+    assert_eq!(copy, &out[..n], "TCP's hit is UDP's");
     assert_eq!(packet::response_matches(&out[..n], &q.key), Ok(()));
 }
 

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use crate::backends::{BackendSet, Member, SetError, Snapshot};
+use crate::cache::Epoch;
 use crate::config::{Config, HealthConfig, Policy};
 use crate::metrics;
 use crate::state::{self, StateFile};
@@ -143,6 +144,15 @@ impl Shared {
     #[inline]
     pub fn cache_flushes(&self) -> u64 {
         self.cache_flushes.load(Ordering::Acquire)
+    }
+
+    /// The cache epoch of a query that loaded the backend set of `generation`.
+    #[inline]
+    pub(crate) fn cache_epoch(&self, generation: u64) -> Epoch {
+        Epoch {
+            generation,
+            flushes: self.cache_flushes(),
+        }
     }
 
     /// Changes the backend set under its writer lock, persisting the result before it

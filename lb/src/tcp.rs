@@ -47,7 +47,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::Poller;
-use crate::cache::{self, Cache, Epoch, Key, Transport};
+use crate::cache::{self, Cache, Epoch, Key, Probe, Transport};
 use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::edge::ClientSlot;
 use crate::packet::{self, Drop, QuestionKey};
@@ -924,25 +924,20 @@ impl TcpWorker {
         let snap = self.shared.set.load();
         let mut cached = None;
         if let Some(cache) = &mut self.cache {
-            if let Some(key) = cache.key(msg, &q, Transport::Tcp, &mut self.key_buf) {
-                cache.enter(Epoch {
-                    generation: snap.generation,
-                    flushes: self.shared.cache_flushes(),
-                });
-                if let Some(answer) = cache.lookup(&key, &self.key_buf, now) {
-                    // The client's ID and name, the rest of the answer.
-                    let at = c.out.buf.len();
+            let epoch = self.shared.cache_epoch(snap.generation);
+            match cache.probe(msg, &q, Transport::Tcp, &mut self.key_buf, epoch, now) {
+                Probe::Hit(answer, name_end) => {
+                    let at = c.out.buf.len() + 2;
                     c.out.push(answer, now);
-                    let out = &mut c.out.buf[at + 2..];
-                    if out.len() == answer.len() {
-                        out[..2].copy_from_slice(&msg[..2]);
-                        out[packet::HEADER_LEN..key.name_end]
-                            .copy_from_slice(&msg[packet::HEADER_LEN..key.name_end]);
+                    // Not pushed if writing to the client failed (it is closing).
+                    if c.out.buf.len() == at + answer.len() {
+                        cache::address_to(&mut c.out.buf[at..], msg, name_end);
                     }
                     queue(&mut self.touched, t, &mut c.out.queued);
                     return true;
                 }
-                cached = Some((cache.epoch(), key));
+                Probe::Miss(epoch, key) => cached = Some((epoch, key)),
+                Probe::Never => {}
             }
         }
         let backend = match snap.pick(tun.policy, &mut self.picker) {

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crate::backends::{BackendRuntime, Picker};
 use crate::batch::{Poller, RecvBatch, SendBatch};
-use crate::cache::{self, Cache, Epoch, Key, Transport};
+use crate::cache::{self, Cache, Epoch, Key, Probe, Transport};
 use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::edge::{RateLimiter, Verdict};
 use crate::packet::{self, Drop, QuestionKey};
@@ -683,15 +683,13 @@ fn on_query(
     let snap = shared.set.load();
     let mut cached = None;
     if let Some(cache) = cache {
-        if let Some(key) = cache.key(msg, &q, Transport::Udp, key_buf) {
-            cache.enter(Epoch {
-                generation: snap.generation,
-                flushes: shared.cache_flushes(),
-            });
-            if let Some(answer) = cache.lookup(&key, key_buf, now) {
-                return Action::Reply(cache::answer_in_place(room, answer, key.name_end));
+        let epoch = shared.cache_epoch(snap.generation);
+        match cache.probe(msg, &q, Transport::Udp, key_buf, epoch, now) {
+            Probe::Hit(answer, name_end) => {
+                return Action::Reply(cache::answer_in_place(room, answer, name_end));
             }
-            cached = Some((cache.epoch(), key, &key_buf[..]));
+            Probe::Miss(epoch, key) => cached = Some((epoch, key, &key_buf[..])),
+            Probe::Never => {}
         }
     }
     let Some(backend) = snap.pick(tun.policy, picker).map(|e| &e.runtime) else {
