@@ -362,6 +362,153 @@ impl<P: Provider> Deployer<P> {
         Ok(out)
     }
 
+    /// What `deployer rollout-lbs` would do now, for `deployer plan`: nothing without
+    /// a `[registrar]`. Reads the parent's delegation and each load balancer's set;
+    /// changes nothing.
+    pub(crate) async fn plan_lbs(&self) -> Result<Vec<String>> {
+        let cfg = self.config();
+        let Some(r) = cfg.registrar.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let mut out = vec![format!(
+            "and `deployer rollout-lbs` would now, for the delegation of {}:",
+            r.zone
+        )];
+        if let Some(j) = LbJournal::load(self.state_dir())?.filter(|j| j.unfinished()) {
+            out.push(format!(
+                "an unfinished load balancer rollout {} stopped at step {}: `deployer rollout-lbs` resumes it, `deployer rollback` undoes it",
+                j.id,
+                j.phase.label()
+            ));
+        }
+        if let Err(e) = self.registrar_cfg() {
+            out.push(format!("nothing: {e}"));
+            return Ok(out);
+        }
+        let lbs = &cfg.load_balancers;
+        let served = self.delegation_now(r).await;
+        out.push(format!(
+            "{}: {} ({} provider)",
+            LbPhase::Create.label(),
+            lbs.iter()
+                .map(|lb| format!(
+                    "{} in {}",
+                    next_label(&lb.name),
+                    lb.region.as_deref().unwrap_or("local")
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.provider().kind()
+        ));
+        out.push(format!(
+            "{}: the new ones with the dnslb role (ansible-playbook {})",
+            LbPhase::Provision.label(),
+            cfg.ansible.playbook.display()
+        ));
+        for lb in lbs {
+            out.push(match LbClient::new(lb)?.members().await {
+                Ok(s) => format!(
+                    "{}: {}'s set of generation {} [{}] onto {}",
+                    LbPhase::Copy.label(),
+                    lb.name,
+                    s.generation,
+                    s.backends
+                        .iter()
+                        .map(|b| format!("{} {}", b.name, b.address))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    next_label(&lb.name)
+                ),
+                Err(e) => format!(
+                    "{}: {}: cannot read its backend set: {e}",
+                    LbPhase::Copy.label(),
+                    lb.name
+                ),
+            });
+        }
+        out.push(format!(
+            "{}: every record of the checked zones through each new one, over UDP and TCP",
+            LbPhase::Verify.label()
+        ));
+        let how = match r.kind {
+            RegistrarKind::Rfc2136 => format!(
+                "a TSIG-signed UPDATE to {}",
+                r.parent_servers
+                    .first()
+                    .map_or_else(String::new, |s| s.to_string())
+            ),
+            RegistrarKind::Manual => "printed for you to make at the registrar".into(),
+        };
+        let (ttl, glue) = match &served {
+            Ok(d) if !d.is_empty() => (d.iter().map(|d| d.ttl).max().unwrap_or(0), Some(&d[0])),
+            _ => (0, None),
+        };
+        for lb in lbs {
+            let ns = lb.ns_name.clone().expect("checked").to_ascii_lowercase();
+            let now = match glue.map(|d| d.glue(&ns)) {
+                Some(a) if !a.is_empty() => fmt_addrs(&a),
+                Some(_) => "none".into(),
+                None => "unknown".into(),
+            };
+            out.push(format!(
+                "{}: {ns} glue {now} -> the address of {} ({how})",
+                LbPhase::Delegate.label(),
+                next_label(&lb.name)
+            ));
+        }
+        out.push(format!(
+            "{}: until {} serve it (at most {}s)",
+            LbPhase::Propagate.label(),
+            fmt_addrs(&r.parent_servers),
+            r.propagation_timeout_s
+        ));
+        if let Err(e) = &served {
+            out.push(format!(
+                "  (the parent's delegation cannot be read now: {e})"
+            ));
+        }
+        out.push(format!(
+            "{}: until {} get under {} queries/s for {}s, not before the delegation's TTL ({ttl}s) has passed, at most {}s more",
+            LbPhase::Drain.label(),
+            lbs.iter()
+                .map(|lb| format!("{} ({})", lb.name, lb.dns))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.drain_qps,
+            r.drain_window_s,
+            r.drain_window_s + r.drain_margin_s
+        ));
+        let mut delete = Vec::new();
+        for lb in lbs {
+            let made =
+                self.provider().find(&lb.name).await?.filter(|i| {
+                    i.managed() && i.public_ipv4.or(i.private_ipv4) == Some(lb.dns.ip())
+                });
+            delete.push(match made {
+                Some(i) => format!("{} ({})", i.label, i.id),
+                None => format!(
+                    "none for {} at {} (not created by the deployer: left running)",
+                    lb.name, lb.dns
+                ),
+            });
+        }
+        out.push(format!(
+            "{}: {}",
+            LbPhase::DeleteOld.label(),
+            delete.join(", ")
+        ));
+        out.push(format!(
+            "{}: {}, and record the new endpoints in {}",
+            LbPhase::Rename.label(),
+            lbs.iter()
+                .map(|lb| format!("{} -> {}", next_label(&lb.name), lb.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.state_dir().join(ENDPOINTS).display()
+        ));
+        Ok(out)
+    }
+
     /// `deployer rollout-lbs`.
     pub async fn rollout_lbs(&self) -> Result<String> {
         let r = self.registrar_cfg()?.clone();

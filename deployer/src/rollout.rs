@@ -1204,6 +1204,7 @@ impl<P: Provider> Deployer<P> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+        out.extend(self.plan_lbs().await?);
         Ok(out)
     }
 

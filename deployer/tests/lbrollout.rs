@@ -191,6 +191,26 @@ fn rollout_lbs_under_a_glue_following_client_loses_no_query_and_deletes_the_old_
     let state = dir.path().join("state");
     for round in 1..=2 {
         let before = glue(parent.addr).0;
+        // `plan` tells what rollout-lbs is about to do, from the live delegation and set.
+        let plan = cli.ok(&["plan"]);
+        let delete = if round == 1 {
+            format!("lb 8/9 delete-old: none for lb1 at {}:{dns_port} (not created by the deployer: left running)", before[0])
+        } else {
+            "lb 8/9 delete-old: lb1 (local-".to_string()
+        };
+        for want in [
+            "and `deployer rollout-lbs` would now, for the delegation of example.test.:".to_string(),
+            "lb 1/9 create: lb1-next in local (local provider)".to_string(),
+            "lb 3/9 copy-set: lb1's set of generation ".to_string(),
+            format!(
+                "lb 5/9 delegate: ns1.example.test. glue {} -> the address of lb1-next (a TSIG-signed UPDATE to {})",
+                before[0], parent.addr
+            ),
+            format!("lb 7/9 drain: until lb1 ({}:{dns_port}) get under 1 queries/s for 2s, not before the delegation's TTL (2s) has passed, at most 32s more", before[0]),
+            delete,
+        ] {
+            assert!(plan.contains(&want), "round {round}: {want:?} not in\n{plan}");
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Seen::default());
         let threads = resolver(parent.addr, dns_port, stop.clone(), seen.clone());
