@@ -587,6 +587,17 @@ impl Config {
                     ));
                 }
             }
+            // rollout-lbs creates load balancers in their region.
+            if self.registrar.is_some() {
+                for lb in &self.load_balancers {
+                    if lb.region.as_deref().is_none_or(|r| r == "local") {
+                        p.push(format!(
+                            "load_balancer {:?}: set region to a Linode region (e.g. \"us-east\"): rollout-lbs creates its successor there",
+                            lb.name
+                        ));
+                    }
+                }
+            }
             if !(pr.api_url.starts_with("https://")
                 || pr.api_url.starts_with("http://127.")
                 || pr.api_url.starts_with("http://localhost"))
@@ -762,5 +773,15 @@ mod tests {
         }
         let err = Config::parse(&lb("ns1"), &b).unwrap_err();
         assert!(err.iter().any(|e| e.contains("fully qualified")), "{err:?}");
+        // On Linode, rollout-lbs needs each load balancer's region.
+        let region = "load_balancer \"lb1\": set region to a Linode region";
+        let err = Config::parse(&format!("[provider]\nkind = \"linode\"\n{ok}"), &b).unwrap_err();
+        assert!(err.iter().any(|e| e.contains(region)), "{err:?}");
+        let with = ok.replace(
+            "nameservers = [\"ns1\"]\n",
+            "nameservers = [\"ns1\"]\nregion = \"us-east\"\n",
+        );
+        let err = Config::parse(&format!("[provider]\nkind = \"linode\"\n{with}"), &b).unwrap_err();
+        assert!(!err.iter().any(|e| e.contains(region)), "{err:?}");
     }
 }
