@@ -1,6 +1,6 @@
 //! Batched UDP system calls: `recvmmsg` to take every datagram waiting on a socket in
-//! one call, `sendmmsg` to send several in one, and the epoll instance every worker
-//! thread sleeps in. This is the
+//! one call, `sendmmsg` to send several in one, the epoll instance every worker
+//! thread sleeps in, and the one `ioctl` a closing TCP connection asks. This is the
 //! crate's only `unsafe` code, kept to the small functions that fill the kernel's
 //! arrays; everything they touch is owned by the structs here. The benchmark in
 //! `bench/` is what justifies it: per query it saves the `recvfrom` that returned
@@ -375,6 +375,16 @@ fn from_socket_addr(addr: &SocketAddr, out: &mut libc::sockaddr_storage) -> libc
             size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
     }
+}
+
+/// Bytes a TCP socket has sent but the peer has not acknowledged, or not yet sent
+/// (`SIOCOUTQ`; its FIN counts too). `None` if the kernel does not say.
+pub(crate) fn unacknowledged(fd: BorrowedFd<'_>) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one c_int through the pointer, which
+    // points to `n` for the whole call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    (r == 0).then(|| usize::try_from(n).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::backends::{BackendRuntime, Picker};
-use crate::batch::Poller;
+use crate::batch::{self, Poller};
 use crate::cache::{self, Cache, Epoch, Key, Probe, Transport};
 use crate::control::{Control, DRAIN, HARD_STOP};
 use crate::edge::ClientSlot;
@@ -55,6 +55,13 @@ use crate::shared::{Shared, Tunables, WORKER_TICK};
 
 /// Answers waiting for a client that does not read pause its reading above this.
 const OUTBOX_LIMIT: usize = 256 * 1024;
+/// How long a finished client connection stays open at most after dnslb shut it
+/// down for writing, until the peer has acknowledged every answer or closed. Closing
+/// a socket with input unread (frames past `max_queries_per_connection`, or sent
+/// during a drain) makes the kernel reset it and throw away answers not yet sent or
+/// acknowledged; lingering reads that input and discards it (as nginx's lingering
+/// close does).
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Connections accepted per readiness event of a listener (it is level-triggered and
 /// comes back at once if more are waiting).
@@ -420,6 +427,9 @@ struct Client {
     opened: Instant,
     /// Queries read from it (`tcp.max_queries_per_connection`).
     queries: u64,
+    /// Done and shut down for writing, but held open until the peer has every
+    /// answer (see [`LINGER`]): until then.
+    linger_until: Option<Instant>,
 }
 
 /// A query on a backend connection, waiting for its answer.
@@ -781,6 +791,7 @@ impl TcpWorker {
                 _client_slot: client_slot,
                 opened: now,
                 queries: 0,
+                linger_until: None,
             })));
             // Bytes that arrived before registering are reported at once.
             let fd = self.conns.get_mut(t).and_then(|c| c.fd());
@@ -1215,12 +1226,14 @@ impl TcpWorker {
             self.read_client(t, &mut c, now);
         }
         // A client that failed is gone; one that is done sending and has every
-        // answer written is closed. Otherwise it waits for answers (or the tick).
+        // answer written is shut down for writing and closed once the peer has every
+        // answer (it lingers until then). Otherwise it waits for answers (or the tick).
         let finished = !c.reading && c.inflight == 0 && c.out.buf.is_empty();
+        if finished && !c.out.failed && !lingered(&mut c, now) {
+            self.conns.put(t, Conn::Client(c));
+            return;
+        }
         if c.out.failed || finished {
-            if finished {
-                let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            }
             self.conns.release(t);
             self.clients -= 1;
             self.shared.metrics.tcp_open.decrement(1.0);
@@ -1344,6 +1357,11 @@ impl TcpWorker {
         for t in self.conns.tokens().collect::<Vec<_>>() {
             match self.conns.get_mut(t) {
                 Some(Conn::Client(c)) => {
+                    if c.linger_until.is_some() {
+                        // Whether the peer has every answer now (or its time is up).
+                        queue(&mut self.woken, t, &mut c.woken);
+                        continue;
+                    }
                     if c.reading && !c.paused {
                         let half_sent = c.partial_since.is_some_and(|p| p + idle <= now);
                         let quiet = c.inflight == 0 && c.last_active + idle <= now;
@@ -1392,6 +1410,33 @@ impl TcpWorker {
         }
         self.settle(now);
     }
+}
+
+/// A finished client: shuts it down for writing (the first time), discards what it
+/// still sends, and says whether it may be closed now: the peer has acknowledged
+/// every answer (a reset can then lose none), or closed, or [`LINGER`] is over.
+fn lingered(c: &mut Client, now: Instant) -> bool {
+    let until = *c.linger_until.get_or_insert_with(|| {
+        let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        now + LINGER
+    });
+    // At most 64 KiB a wake-up (the tick comes back for more), so a peer that keeps
+    // sending cannot hold the worker.
+    let mut sink = [0u8; 4096];
+    let mut peer_closed = false;
+    for _ in 0..16 {
+        match (&c.stream).read(&mut sink) {
+            Ok(0) => peer_closed = true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => peer_closed = true,
+        }
+        break;
+    }
+    // After the shutdown the FIN counts as one byte: at most one left means the peer
+    // has acknowledged every answer (its acknowledgment of the FIN may be delayed).
+    peer_closed || now >= until || batch::unacknowledged(c.stream.as_fd()).is_none_or(|n| n <= 1)
 }
 
 /// One of client `t`'s queries finished: look at the client again if it was waiting

@@ -361,6 +361,48 @@ fn a_connection_reads_at_most_max_queries_then_closes() {
     assert_eq!(got, 3);
 }
 
+/// A client that pipelines more queries than `max_queries_per_connection` and reads
+/// slowly still gets every answer to the queries read, then a clean close: the
+/// connection is not reset while answers wait in dnslb's send queue (closing a socket
+/// with unread input resets it and discards what it had not yet sent).
+#[test]
+fn a_slow_reader_past_max_queries_gets_every_answer_then_a_clean_close() {
+    let ns = Named::start();
+    let lb = Dnslb::start(&config(
+        &[("ns1", ns.addr)],
+        "[tcp]\nmax_queries_per_connection = 40\n",
+    ));
+    // A small receive window: most answers wait in dnslb's send queue.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&lb.dns.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    let burst = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| frame(&query("big.example.test.", RecordType::TXT, false)))
+            .collect()
+    };
+    s.write_all(&burst(40)).unwrap();
+    // dnslb reads the 40 and stops reading; the next 20 wait unread in its socket
+    // while it answers the 40 (about 50 KB), before the client reads.
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(&burst(20)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut got = 0;
+    let end = loop {
+        match read_frame(&mut s) {
+            Ok(a) => {
+                assert_eq!(Message::from_vec(&a).unwrap().answers.len(), 12);
+                got += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(got, 40, "answers to the queries read (then: {end})");
+    assert_eq!(end.kind(), std::io::ErrorKind::UnexpectedEof, "{end}");
+}
+
 /// A client that sends one byte a second never finishes a frame: it holds its slot
 /// (here its client's only one) no longer than the idle timeout.
 #[test]
