@@ -427,8 +427,8 @@ struct Client {
     opened: Instant,
     /// Queries read from it (`tcp.max_queries_per_connection`).
     queries: u64,
-    /// Done and shut down for writing, but held open until the peer has every
-    /// answer (see [`LINGER`]): until then.
+    /// Once it is done and shut down for writing: held open until the peer has every
+    /// answer, or until this deadline ([`LINGER`]) at most.
     linger_until: Option<Instant>,
 }
 
