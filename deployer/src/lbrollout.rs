@@ -349,6 +349,16 @@ impl<P: Provider> Deployer<P> {
         Ok(())
     }
 
+    /// The deployer's own instance serving as `lb` now (named after it, at its
+    /// address), if the deployer made it; `None` for one made by hand.
+    async fn serving_instance(&self, lb: &LoadBalancer) -> Result<Option<Instance>> {
+        Ok(self
+            .provider()
+            .find(&lb.name)
+            .await?
+            .filter(|i| i.managed() && i.public_ipv4.or(i.private_ipv4) == Some(lb.dns.ip())))
+    }
+
     /// What every parent server serves; all must agree.
     async fn delegation_now(&self, r: &RegistrarConfig) -> Result<Vec<registrar::Delegation>> {
         let mut out = Vec::new();
@@ -480,11 +490,7 @@ impl<P: Provider> Deployer<P> {
         ));
         let mut delete = Vec::new();
         for lb in lbs {
-            let made =
-                self.provider().find(&lb.name).await?.filter(|i| {
-                    i.managed() && i.public_ipv4.or(i.private_ipv4) == Some(lb.dns.ip())
-                });
-            delete.push(match made {
+            delete.push(match self.serving_instance(lb).await? {
                 Some(i) => format!("{} ({})", i.label, i.id),
                 None => format!(
                     "none for {} at {} (not created by the deployer: left running)",
@@ -587,9 +593,7 @@ impl<P: Provider> Deployer<P> {
         if j.old.is_empty() {
             // What serves now, and the delegation before any change.
             for lb in &lbs {
-                let inst = self.provider().find(&lb.name).await?.filter(|i| {
-                    i.managed() && i.public_ipv4.or(i.private_ipv4) == Some(lb.dns.ip())
-                });
+                let inst = self.serving_instance(lb).await?;
                 j.old.insert(
                     lb.name.clone(),
                     Endpoint {
