@@ -257,11 +257,21 @@ impl Fake {
             return;
         }
         let addr = SocketAddr::from((l.public, self.ssh_port));
-        let Ok(std_listener) = std::net::TcpListener::bind(addr) else {
-            return;
+        // SO_REUSEADDR: the banner connections the listener closed first linger in
+        // TIME_WAIT on this address and port. A failure is said (the next GET tries
+        // again) so that an instance whose SSH never answers shows why.
+        let bound = tokio::net::TcpSocket::new_v4().and_then(|sock| {
+            sock.set_reuseaddr(true)?;
+            sock.bind(addr)?;
+            sock.listen(128)
+        });
+        let listener = match bound {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("fake linode: SSH banner listener on {addr} not bound: {e}");
+                return;
+            }
         };
-        std_listener.set_nonblocking(true).unwrap();
-        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
         let h = tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
                 use tokio::io::AsyncWriteExt;
